@@ -1,0 +1,99 @@
+"""Backbones: a small ConvNet and a small-image ResNet-18 for CPU work; ResNet-50 and ViT-S/16 at paper scale.
+
+Each builder returns a module mapping images [B, C, H, W] to features [B, D] and sets ``module.out_dim = D``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.vision_transformer import VisionTransformer
+
+
+class ConvNet(nn.Module):
+    """Stages of two 3×3 conv–BN–ReLU layers, 2× down-sampling between stages, global average pool."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet without its classifier; ``small_stem`` swaps the 7×7/2 conv + max-pool for 3×3/1."""
+
+    def __init__(self, net: nn.Module, in_channels: int, small_stem: bool) -> None:
+        super().__init__()
+        if small_stem:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ViTBackbone(nn.Module):
+    """torchvision ``VisionTransformer`` (ViT-S/16: patch 16, width 384, depth 12, 6 heads) returning the class
+    token; position embeddings are interpolated so that local crops of another size can pass through."""
+
+    def __init__(self, in_channels: int = 3, image_size: int = 224) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=6,
+                                     hidden_dim=384, mlp_dim=1536)
+        if in_channels != 3:
+            self.vit.conv_proj = nn.Conv2d(in_channels, 384, kernel_size=16, stride=16)
+        self.vit.heads = nn.Identity()
+        self.out_dim = 384
+
+    def _pos_embedding(self, n_patches: int) -> Tensor:
+        pos = self.vit.encoder.pos_embedding  # [1, 1 + N0, D]
+        n0 = pos.shape[1] - 1
+        if n_patches == n0:
+            return pos
+        cls, grid = pos[:, :1], pos[:, 1:]
+        g0, g1 = int(math.sqrt(n0)), int(math.sqrt(n_patches))
+        grid = grid.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.vit.conv_proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = self.vit.class_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self._pos_embedding(tokens.shape[1])
+        enc = self.vit.encoder
+        tokens = enc.ln(enc.layers(enc.dropout(tokens)))
+        return tokens[:, 0]
+
+
+def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128),
+                   image_size: int = 224) -> nn.Module:
+    """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16."""
+    if name == "convnet":
+        return ConvNet(in_channels, tuple(convnet_widths))
+    if name == "resnet18_small":
+        return TorchvisionResNet(resnet18(), in_channels, small_stem=True)
+    if name == "resnet50":
+        return TorchvisionResNet(resnet50(), in_channels, small_stem=False)
+    if name == "vit_s16":
+        return ViTBackbone(in_channels, image_size)
+    raise ValueError(f"unknown backbone {name!r}")

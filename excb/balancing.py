@@ -1,0 +1,97 @@
+"""ExCB's explicit cluster balancing: a running cluster-size estimate and the operator that uses it.
+
+Usage::
+
+    balancer = ClusterBalancer(num_clusters=1024, momentum=0.999)
+    z_teacher = teacher_similarities            # [N, K] cosines in [-1, 1]
+    p = torch.softmax(balancer.balance(z_teacher) / 0.04, dim=-1)
+    loss = ...                                  # cross-entropy against p
+    balancer.update(p)                          # after the loss: EMA of the hard-assignment histogram
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def _all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over all ranks when torch.distributed is initialised; ``x`` itself otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def balance_similarities(z: Tensor, sizes: Tensor, argmax_boost: float = 1.01, eps: float = 1e-8) -> Tensor:
+    """Apply the ExCB operator B to cosine similarities ``z`` [N, K] given relative cluster sizes ``sizes`` [K].
+
+    With c_k = K·s_k / Σ_j s_j, lower_k = min(c_k, 1) and higher_k = min(1/c_k, 1):
+
+        z'  = 1 − (1 − z)·lower          (under-sized clusters: cosine distance shrinks)
+        z'' = (z' + 1)·higher − 1        (over-sized clusters: similarity measured from −1 shrinks)
+
+    then the row-wise argmax entry of z'' is multiplied by ``argmax_boost`` and the result clamped to [−1, 1].
+    ``eps`` keeps a zero size from giving a zero factor.
+    """
+    k = z.shape[-1]
+    s = sizes.to(dtype=z.dtype, device=z.device)
+    c = k * s / s.sum().clamp_min(eps)
+    lower = c.clamp(min=eps, max=1.0)
+    higher = (1.0 / c.clamp_min(eps)).clamp(max=1.0)
+    z1 = 1.0 - (1.0 - z) * lower
+    z2 = (z1 + 1.0) * higher - 1.0
+    if argmax_boost != 1.0:
+        idx = z2.argmax(dim=-1, keepdim=True)
+        z2 = z2.scatter(-1, idx, z2.gather(-1, idx) * argmax_boost)
+    return z2.clamp(-1.0, 1.0)
+
+
+def assignment_histogram(p: Tensor) -> Tensor:
+    """Fraction of rows of ``p`` [..., K] whose argmax is each cluster: mean over leading dims of onehot(argmax p)."""
+    k = p.shape[-1]
+    labels = p.detach().reshape(-1, k).argmax(dim=-1)
+    counts = torch.bincount(labels, minlength=k).to(torch.float32)
+    return counts / max(labels.numel(), 1)
+
+
+class ClusterBalancer(nn.Module):
+    """Running relative cluster sizes ``sizes`` (a buffer, uniform at start) and the balancing operator.
+
+    ``update`` implements s ← m·s + (1 − m)·mean(onehot(argmax p)), the histogram averaged across ranks
+    (all-reduce mean) when torch.distributed is initialised, so every rank holds the same estimate.
+    """
+
+    sizes: Tensor
+
+    def __init__(self, num_clusters: int, momentum: float = 0.999, argmax_boost: float = 1.01) -> None:
+        super().__init__()
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.num_clusters = num_clusters
+        self.momentum = momentum
+        self.argmax_boost = argmax_boost
+        self.register_buffer("sizes", torch.full((num_clusters,), 1.0 / num_clusters))
+
+    @torch.no_grad()
+    def balance(self, z: Tensor) -> Tensor:
+        """z [N, K] cosine similarities → balanced similarities (operator B, ×boost on the argmax, clamp)."""
+        if z.shape[-1] != self.num_clusters:
+            raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(z.shape)}")
+        return balance_similarities(z, self.sizes, self.argmax_boost)
+
+    @torch.no_grad()
+    def update(self, p: Tensor) -> Tensor:
+        """EMA of the hard-assignment histogram of teacher probabilities ``p`` [..., K]; returns the histogram."""
+        if p.shape[-1] != self.num_clusters:
+            raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(p.shape)}")
+        hist = _all_reduce_mean(assignment_histogram(p).to(self.sizes.device))
+        self.sizes.mul_(self.momentum).add_(hist.to(self.sizes.dtype), alpha=1.0 - self.momentum)
+        return hist
+
+    def extra_repr(self) -> str:
+        return f"num_clusters={self.num_clusters}, momentum={self.momentum}, argmax_boost={self.argmax_boost}"

@@ -1,0 +1,16 @@
+"""Exceptions raised by the :mod:`excb.data` package."""
+
+from __future__ import annotations
+
+__all__ = ["DatasetNotFoundError", "CorruptImageError"]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset (raw files or prepared shards) could not be found.
+
+    The message always says where we looked and how to obtain the data.
+    """
+
+
+class CorruptImageError(ValueError):
+    """An encoded image could not be decoded (raised in strict mode)."""

@@ -1,0 +1,114 @@
+"""One ExCB optimisation step, shared by the Ray Train worker loop and plain-PyTorch benchmarks.
+
+Following one batch: uint8 images → multi-crop views → teacher similarities of the global views → balanced
+targets p = softmax(B(z_t)/τ_t) → student log-probabilities → loss over view pairs → optimiser step with the
+step's lr / wd → EMA teacher update → size-estimate update from argmax p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from excb.augment import MultiCropAugment
+from excb.balancing import ClusterBalancer
+from excb.config import ExcbConfig
+from excb.loss import excb_loss
+from excb.model import ExcbNetwork, ema_update, parameter_groups, unwrap
+from excb.schedules import Schedules
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+def build_optimizer(cfg: ExcbConfig, student: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over three groups: regular (wd), no_decay (biases, 1-D), prototypes (proto wd)."""
+    groups = [{"params": ps, "name": name, "weight_decay": 0.0}
+              for name, ps in parameter_groups(student).items() if ps]
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.999))
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, schedules: Schedules, step: int) -> None:
+    """Set the step's lr and weight decays on every parameter group."""
+    for g in optimizer.param_groups:
+        g["lr"] = float(schedules.lr[step])
+        if g["name"] == "regular":
+            g["weight_decay"] = float(schedules.weight_decay[step])
+        elif g["name"] == "prototypes":
+            g["weight_decay"] = float(schedules.prototype_weight_decay[step])
+
+
+@dataclass
+class StepStats:
+    loss: float
+    teacher_confidence: float  # mean max p
+    unique_targets: int  # distinct teacher argmax labels in the batch (this rank)
+    changed_by_balancing: float  # fraction of targets whose argmax the operator changed
+
+
+def teacher_targets(teacher: ExcbNetwork, balancer: ClusterBalancer, global_views: list[Tensor],
+                    teacher_temp: float) -> tuple[list[Tensor], float]:
+    """p_i = softmax(B(z_t,i) / τ_t) for each global view; also the fraction of argmaxes B changed."""
+    with torch.no_grad():
+        z = torch.cat(teacher(global_views, num_global=len(global_views)).direct).float()
+        zb = balancer.balance(z)
+        p = torch.softmax(zb / teacher_temp, dim=-1)
+        changed = (z.argmax(-1) != zb.argmax(-1)).float().mean().item()
+    return list(p.chunk(len(global_views))), changed
+
+
+def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balancer: ClusterBalancer,
+               optimizer: torch.optim.Optimizer, augment: MultiCropAugment, schedules: Schedules,
+               images: Tensor, step: int, epoch: int, gen: torch.Generator,
+               autocast_dtype: torch.dtype | None = None) -> StepStats:
+    """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step``."""
+    views = augment(images, float(schedules.crop_min_scale[epoch]), gen)
+    apply_schedule(optimizer, schedules, step)
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        targets, changed = teacher_targets(teacher, balancer, views[:2], cfg.method.teacher_temp)
+        out = student(views, num_global=2)
+        loss = excb_loss(targets, out.direct, out.predicted, cfg.method.student_temp)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    ema_update(teacher, unwrap(student), float(schedules.ema_momentum[step]))
+    p = torch.cat(targets)
+    balancer.update(p)
+    return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
+                     unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
+
+
+@torch.no_grad()
+def init_prototypes_kmeans(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork,
+                           batches: Iterable[Tensor], augment: MultiCropAugment, gen: torch.Generator,
+                           max_samples: int) -> Tensor:
+    """Spherical k-means over the (random-init) teacher's L2-normalised projector outputs of one global view of
+    up to ``max_samples`` images on this rank (k-means itself is global), copied into teacher and student
+    prototypes. Returns the final cluster counts."""
+    from excb.kmeans import spherical_kmeans
+
+    feats: list[Tensor] = []
+    n = 0
+    for images in batches:
+        view = augment(images, float(cfg.augment.crop_min_start), gen)[0]
+        feats.append(torch.nn.functional.normalize(teacher.project([view])[0].float(), dim=1))
+        n += view.shape[0]
+        if n >= max_samples:
+            break
+    x = torch.cat(feats)[:max_samples]
+    centres, counts = spherical_kmeans(x, cfg.model.num_prototypes, cfg.method.kmeans_iters, seed=cfg.train.seed)
+    teacher.prototypes.set_centres(centres)
+    unwrap(student).prototypes.set_centres(centres)
+    return counts

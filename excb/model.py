@@ -1,0 +1,152 @@
+"""Student and teacher networks: backbone → projector → L2-normalised projection scored against prototypes,
+plus the student's predictor; the EMA teacher update.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from excb.backbones import build_backbone
+from excb.config import ExcbConfig
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, norm: str) -> nn.Sequential:
+    """Linear(in, h) [–BN]–act … –Linear(h, out); ``norm='bn'`` gives BN + ReLU, ``'none'`` gives GELU."""
+    mods: list[nn.Module] = []
+    d = in_dim
+    for _ in range(layers - 1):
+        mods.append(nn.Linear(d, hidden))
+        if norm == "bn":
+            mods += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        else:
+            mods.append(nn.GELU())
+        d = hidden
+    mods.append(nn.Linear(d, out_dim))
+    net = nn.Sequential(*mods)
+    net.apply(_init_linear)
+    return net
+
+
+class Prototypes(nn.Module):
+    """K prototype directions v_k (weight-normalised linear layer, no bias, gain fixed at 1):
+
+        z_k = cos(h, v_k) = <h/‖h‖, v_k/‖v_k‖>.
+    """
+
+    def __init__(self, dim: int, num_prototypes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
+
+    def forward(self, h: Tensor, detach: bool = False) -> Tensor:
+        v = self.weight.detach() if detach else self.weight
+        return F.linear(F.normalize(h, dim=-1), F.normalize(v, dim=-1))
+
+    @torch.no_grad()
+    def set_centres(self, centres: Tensor) -> None:
+        self.weight.copy_(F.normalize(centres.to(self.weight), dim=-1))
+
+
+@dataclass
+class ViewScores:
+    """Similarities [B, K] per crop: ``direct`` (projector → prototypes) and ``predicted`` (predictor →
+    detached prototypes; None for the teacher or with the predictor off)."""
+
+    direct: list[Tensor]
+    predicted: list[Tensor] | None
+
+
+class ExcbNetwork(nn.Module):
+    """backbone → projector → prototypes (and, for the student, predictor → detached prototypes)."""
+
+    def __init__(self, cfg: ExcbConfig) -> None:
+        super().__init__()
+        m = cfg.model
+        self.backbone = build_backbone(m.backbone, cfg.data.channels, convnet_widths=tuple(m.convnet_widths),
+                                       image_size=cfg.augment.global_size)
+        self.projector = mlp(self.backbone.out_dim, m.projector_hidden, m.projector_out, 3, m.head_norm)
+        self.predictor: nn.Module | None = None
+        if m.use_predictor:
+            pred = mlp(m.projector_out, m.predictor_hidden, m.projector_out, 2, m.head_norm)
+            self.predictor = nn.Sequential(nn.BatchNorm1d(m.projector_out), *pred)
+        self.prototypes = Prototypes(m.projector_out, m.num_prototypes)
+        self.channels_last = m.channels_last
+
+    def project(self, crops: list[Tensor]) -> list[Tensor]:
+        """Raw projector outputs per crop; crops of equal size go through the backbone together."""
+        outs: list[Tensor] = []
+        i = 0
+        while i < len(crops):
+            j = i
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            x = torch.cat(crops[i:j])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = self.projector(self.backbone(x))
+            outs.extend(y.chunk(j - i))
+            i = j
+        return outs
+
+    def forward(self, crops: list[Tensor], num_global: int = 2) -> ViewScores:
+        """Scores every crop; only the first ``num_global`` crops' direct scores train the prototypes."""
+        ys = self.project(crops)
+        direct = [self.prototypes(y, detach=i >= num_global) for i, y in enumerate(ys)]
+        predicted = None
+        if self.predictor is not None:
+            q = self.predictor(torch.cat(ys)).chunk(len(ys))
+            predicted = [self.prototypes(qi, detach=True) for qi in q]
+        return ViewScores(direct=direct, predicted=predicted)
+
+
+def build_student_teacher(cfg: ExcbConfig) -> tuple[ExcbNetwork, ExcbNetwork]:
+    """The student and a teacher copy without the predictor, whose parameters get no gradients."""
+    student = ExcbNetwork(cfg)
+    teacher = copy.deepcopy(student)
+    teacher.predictor = None
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s for every teacher parameter (BN buffers are not averaged)."""
+    s_params = dict(student.named_parameters())
+    t_list, s_list = [], []
+    for name, p_t in teacher.named_parameters():
+        t_list.append(p_t)
+        s_list.append(s_params[name].detach())
+    torch._foreach_mul_(t_list, momentum)
+    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def parameter_groups(student: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split parameters into ``regular`` (weight decay), ``no_decay`` (biases, 1-D) and ``prototypes``."""
+    groups: dict[str, list[nn.Parameter]] = {"regular": [], "no_decay": [], "prototypes": []}
+    for name, p in unwrap(student).named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("prototypes."):
+            groups["prototypes"].append(p)
+        elif p.ndim <= 1 or name.endswith(".bias"):
+            groups["no_decay"].append(p)
+        else:
+            groups["regular"].append(p)
+    return groups

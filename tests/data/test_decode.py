@@ -1,0 +1,73 @@
+"""decode_image / decode_batch on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from excb.data import CorruptImageError, decode_batch, decode_image
+
+
+def _encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _batch(images: list[bytes], labels: list[int] | None = None) -> dict[str, np.ndarray]:
+    batch = {
+        "id": np.array([f"row-{i}" for i in range(len(images))], dtype=object),
+        "image": np.array(images, dtype=object),
+    }
+    if labels is not None:
+        batch["label"] = np.array(labels, dtype=np.int64)
+    return batch
+
+
+def test_decode_image_gray_rgb_and_resize(fashion_test: tuple[np.ndarray, np.ndarray]) -> None:
+    pixels = fashion_test[0][0]
+    gray = decode_image(_encode(pixels), 28, 1)
+    assert gray.shape == (1, 28, 28) and gray.dtype == np.uint8
+    np.testing.assert_array_equal(gray[0], pixels)
+    rgb = decode_image(_encode(pixels), 28, 3)
+    assert rgb.shape == (3, 28, 28)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[c], pixels)
+    # Non-square: shorter side resized to 16, then centre-cropped.
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, 10:30] = 255  # white centre band, half the width
+    out = decode_image(_encode(wide), 16, 3)
+    assert out.shape == (3, 16, 16)
+    assert out[:, :, 4:12].min() > 200  # centre crop is (almost) all white
+    up = decode_image(_encode(pixels), 56, 1)
+    assert up.shape == (1, 56, 56)
+
+
+def test_decode_batch_flags_corrupt_rows(fashion_test: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = fashion_test
+    encoded = [_encode(images[0]), b"definitely not an image", _encode(images[1])[:60]]
+    out = decode_batch(_batch(encoded, [int(labels[0]), 5, 7]), image_size=28, channels=1)
+    assert out["image"].shape == (3, 1, 28, 28) and out["image"].dtype == np.uint8
+    assert out["ok"].tolist() == [True, False, False]
+    assert int((~out["ok"]).sum()) == 2
+    assert not out["image"][1:].any()  # corrupt rows are zero images
+    np.testing.assert_array_equal(out["image"][0, 0], images[0])
+    assert out["label"].tolist() == [int(labels[0]), 5, 7]
+    assert out["id"].tolist() == ["row-0", "row-1", "row-2"]
+
+
+def test_decode_batch_without_labels() -> None:
+    out = decode_batch(_batch([_encode(np.full((8, 8), 9, np.uint8))]), image_size=4, channels=3)
+    assert out["label"].dtype == np.int64 and out["label"].tolist() == [-1]
+    assert out["image"].shape == (1, 3, 4, 4) and (out["image"] == 9).all()
+
+
+def test_decode_batch_strict_names_row(fashion_test: tuple[np.ndarray, np.ndarray]) -> None:
+    encoded = [_encode(fashion_test[0][0]), b"\x89PNG garbage"]
+    with pytest.raises(CorruptImageError, match="row-1"):
+        decode_batch(_batch(encoded, [0, 1]), image_size=28, channels=1, strict=True)
+    with pytest.raises(ValueError, match="channels"):
+        decode_batch(_batch(encoded, [0, 1]), image_size=28, channels=2)
