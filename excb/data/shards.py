@@ -19,9 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import posixpath
-import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,10 +27,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 
 from excb.data.errors import DatasetNotFoundError
+from excb.storage import atomic_write_bytes as _atomic_write_bytes
+from excb.storage import atomic_write_table as _atomic_write_table
+from excb.storage import delete_quietly as _delete_quietly
+from excb.storage import join as _join
+from excb.storage import resolve_fs
 from excb.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from excb.data.fashion_mnist import load_fashion_mnist
 
@@ -61,62 +63,6 @@ _SHARD_SUFFIX = ".parquet"
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 _PROBE_IMAGES = 8
 _READ_THREADS = 16
-
-
-# --------------------------------------------------------------------------- filesystem
-
-
-def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return ``(filesystem, path)`` for a local path or a URI with a scheme.
-
-    Plain paths use :class:`pyarrow.fs.LocalFileSystem` (made absolute);
-    ``s3://``, ``gs://``, ``file://`` ... go through
-    :meth:`pyarrow.fs.FileSystem.from_uri`.
-    """
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def _join(uri: str, *parts: str) -> str:
-    """Join path components onto a local path or URI with ``/``."""
-    return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else os.path.join(uri, *parts)
-
-
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{uuid.uuid4().hex}"
-
-
-def _atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and a move."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    tmp = _tmp_name(path)
-    try:
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        _delete_quietly(fs, tmp)
-        raise
-
-
-def _atomic_write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file to ``path`` via a temporary sibling and a move."""
-    tmp = _tmp_name(path)
-    try:
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, path)
-    except BaseException:
-        _delete_quietly(fs, tmp)
-        raise
-
-
-def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
-    try:
-        fs.delete_file(path)
-    except (OSError, FileNotFoundError):
-        pass
 
 
 def list_shards(uri: str, split: str) -> list[str]:

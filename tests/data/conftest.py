@@ -55,18 +55,3 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> str
 def prepared_rows() -> int:
     """Rows per split in :func:`prepared`."""
     return PREPARED_LIMIT
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """A local 2-CPU Ray instance for the module, shut down afterwards."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():  # pragma: no cover - another module left one running
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()

@@ -1,0 +1,98 @@
+"""Training-state checkpoints: one ``state.pt`` (plain tensors and numbers, loaded with weights_only=True) and a
+``state.json`` with its SHA-256, step and epoch, in a directory named ``checkpoint_epochNNNN``.
+
+A checkpoint whose file is missing, fails its checksum or fails to load is skipped with a warning and the
+previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from excb.storage import atomic_write_bytes, join, resolve_fs
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+META_FILE = "state.json"
+PREFIX = "checkpoint_epoch"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint."""
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"{PREFIX}{epoch:04d}"
+
+
+def write_state_dir(state: dict[str, Any], directory: str) -> str:
+    """Serialise ``state`` into ``directory`` (local or URI) atomically; returns the directory."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "epoch": int(state.get("epoch", 0)), "step": int(state.get("step", 0))}
+    fs, path = resolve_fs(directory)
+    atomic_write_bytes(fs, posixpath.join(path, STATE_FILE), data)
+    atomic_write_bytes(fs, posixpath.join(path, META_FILE), json.dumps(meta).encode())
+    return directory
+
+
+def new_local_state_dir(state: dict[str, Any]) -> str:
+    """Write ``state`` into a fresh temporary local directory (for ``ray.train.Checkpoint.from_directory``)."""
+    return write_state_dir(state, tempfile.mkdtemp(prefix="excb-ckpt-"))
+
+
+def read_state_dir(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint directory; raises CheckpointError when it is missing or corrupt."""
+    fs, path = resolve_fs(directory)
+    try:
+        with fs.open_input_stream(posixpath.join(path, META_FILE)) as f:
+            meta = json.loads(f.read())
+        with fs.open_input_stream(posixpath.join(path, STATE_FILE)) as f:
+            data = f.read()
+    except (OSError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {directory} is unreadable: {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {directory} fails its checksum ({digest} != {meta.get('sha256')})")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the checkpoint is unusable
+        raise CheckpointError(f"checkpoint {directory} fails to load: {e}") from e
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint directories of a run, oldest first."""
+    fs, path = resolve_fs(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    names = sorted(os.path.basename(i.path) for i in infos
+                   if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith(PREFIX))
+    return [join(run_dir, n) for n in names]
+
+
+def load_latest(directories: list[str], map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """The newest checkpoint among ``directories`` that verifies and loads; corrupt ones are skipped with a
+    warning. Raises CheckpointError when none is usable."""
+    errors = []
+    for d in sorted(directories, reverse=True):
+        try:
+            return read_state_dir(d, map_location), d
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+            errors.append(str(e))
+    raise CheckpointError("no usable checkpoint" + (": " + "; ".join(errors) if errors else ""))

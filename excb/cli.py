@@ -1,0 +1,136 @@
+"""``excb prepare | pretrain | evaluate | report`` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "experiments/fashion_mnist.yaml"
+
+
+def _default_config() -> str | None:
+    """experiments/fashion_mnist.yaml next to the working directory or the installed package's repository."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (base / DEFAULT_CONFIG).exists():
+            return str(base / DEFAULT_CONFIG)
+    return None
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from excb.data.shards import prepare_fashion_mnist, prepare_image_folder
+
+    if args.source == "fashion-mnist":
+        meta = prepare_fashion_mnist(args.dest, limit=args.limit, rows_per_shard=args.rows_per_shard)
+    else:
+        if not args.src:
+            print("excb prepare folder needs SRC: the image folder tree to convert", file=sys.stderr)
+            return 2
+        meta = prepare_image_folder(args.src, args.dest, rows_per_shard=args.rows_per_shard, limit=args.limit)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from excb.config import load_config
+    from excb.pretrain import run_pretraining
+
+    config = args.config or _default_config()
+    cfg = load_config(config, args.overrides)  # validates before anything starts
+    name = args.name or (Path(config).stem if config else "excb")
+    summary = run_pretraining(cfg, storage_path=args.storage_path, name=name, num_cpus=args.num_cpus)
+    run_dir = summary["run_dir"]
+    plots = []
+    try:
+        from excb.report import plot_run
+
+        plots = plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose a finished run over them
+        print(f"[excb] plotting failed: {e}", file=sys.stderr)
+    if "knn_top1" in summary:
+        print(f"kNN top-1: {summary['knn_top1']:.2f}%  (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, "
+              f"{summary['eval_train_rows']} train → {summary['eval_test_rows']} test images)")
+    if "prototypes_used" in summary:
+        print(f"prototypes used: {100 * summary['prototypes_used']:.1f}%  max cluster share: "
+              f"{summary['max_cluster_share_x_uniform']:.2f}× uniform  NMI: {summary.get('nmi', float('nan')):.3f}")
+    print(f"throughput: {summary['images_per_second']:.0f} images/s  wall time: {summary['wall_seconds'] / 60:.1f} min")
+    print(f"checkpoint: {summary.get('checkpoint', run_dir)}")
+    print(f"metrics:    {run_dir}/metrics.jsonl, {run_dir}/summary.json")
+    if plots:
+        print(f"plots:      {', '.join(plots)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from excb.evaluate import evaluate_run
+    from excb.runfiles import write_summary, read_summary
+    from excb.storage import exists, join
+
+    result = evaluate_run(args.run_dir, data_path=args.data)
+    if args.write:
+        summary = read_summary(args.run_dir) if exists(join(args.run_dir, "summary.json")) else {}
+        summary.update(result)
+        write_summary(args.run_dir, summary)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from excb.report import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="excb", description="ExCB self-supervised pretraining on Ray")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="write Parquet image shards from Fashion-MNIST or an image folder tree")
+    p.add_argument("source", choices=["fashion-mnist", "folder"])
+    p.add_argument("dest", help="output shard root (local path or s3:// / gs:// URI)")
+    p.add_argument("src", nargs="?", help="image folder tree (for `folder`)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    p.add_argument("--rows-per-shard", type=int, default=10000)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="ExCB pretraining through Ray Train (resumes a run of the same name)")
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--storage-path", default="runs", help="where runs live (local path or s3:// URI)")
+    p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray instance")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="kNN, cluster health and NMI of a run's newest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="shard root to evaluate on (default: the run's)")
+    p.add_argument("--no-write", dest="write", action="store_false", help="do not update summary.json")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="draw a run's metrics as PNG plots")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    p.set_defaults(func=cmd_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from excb.config import ConfigError
+    from excb.data.errors import CorruptImageError, DatasetNotFoundError
+    from excb.pretrain import TrainingError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetNotFoundError, CorruptImageError, TrainingError) as e:
+        print(f"excb: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

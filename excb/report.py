@@ -1,0 +1,76 @@
+"""PNG plots of a run directory's per-epoch metrics: loss, kNN top-1, cluster shares and health."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from excb.runfiles import read_metrics  # noqa: E402
+from excb.storage import atomic_write_bytes, join, resolve_fs  # noqa: E402
+
+
+def _save(fig: Any, uri: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fs, path = resolve_fs(uri)
+    atomic_write_bytes(fs, path, buf.getvalue())
+    return uri
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in history if key in r]
+    return [int(r["epoch"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+    """Draw loss.png, knn.png and clusters.png from RUN_DIR/metrics.jsonl into RUN_DIR/plots (or out_dir)."""
+    history = read_metrics(run_dir)
+    if not history:
+        raise FileNotFoundError(f"no metrics in {run_dir} (expected {join(run_dir, 'metrics.jsonl')})")
+    out = out_dir or join(run_dir, "plots")
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(*_series(history, "loss"), marker="o")
+    ax.set(xlabel="epoch", ylabel="loss", title="ExCB loss")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, join(out, "loss.png")))
+
+    epochs, knn = _series(history, "subset_knn_top1")
+    if knn:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(epochs, knn, marker="o", color="tab:green")
+        ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1 (per-epoch subset)")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, join(out, "knn.png")))
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, label in (("estimate_max_cluster_share_x_uniform", "max share × K (estimate)"),
+                       ("estimate_min_cluster_share_x_uniform", "min share × K (estimate)"),
+                       ("subset_max_cluster_share_x_uniform", "max share × K (assignments)")):
+        e, v = _series(history, key)
+        if v:
+            a1.plot(e, v, marker="o", label=label)
+    a1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    a1.set(xlabel="epoch", ylabel="share × K (1 = uniform)", title="cluster shares")
+    a1.legend(fontsize=7)
+    a1.grid(alpha=0.3)
+    for key, label in (("estimate_normalized_entropy", "entropy of estimate"),
+                       ("subset_prototypes_used", "prototypes used (assignments)"),
+                       ("estimate_prototypes_used", "prototypes used (estimate)"),
+                       ("teacher_confidence", "teacher confidence")):
+        e, v = _series(history, key)
+        if v:
+            a2.plot(e, v, marker="o", label=label)
+    a2.set(xlabel="epoch", ylim=(0, 1.05), title="cluster health")
+    a2.legend(fontsize=7)
+    a2.grid(alpha=0.3)
+    written.append(_save(fig, join(out, "clusters.png")))
+    return written
+

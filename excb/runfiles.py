@@ -1,0 +1,37 @@
+"""Files of a run directory that scripts and dashboards read without parsing logs.
+
+    RUN_DIR/config.yaml       the resolved configuration
+    RUN_DIR/metrics.jsonl     one JSON object per finished epoch (rewritten atomically from the checkpointed history)
+    RUN_DIR/summary.json      final evaluation and run totals
+    RUN_DIR/plots/*.png       drawn by ``excb report``
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from excb.storage import exists, join, read_text, write_json, write_text
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:
+    write_text(join(run_dir, METRICS_FILE), "".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    uri = join(run_dir, METRICS_FILE)
+    if not exists(uri):
+        return []
+    return [json.loads(line) for line in read_text(uri).splitlines() if line.strip()]
+
+
+def write_summary(run_dir: str, summary: dict[str, Any]) -> None:
+    write_json(join(run_dir, SUMMARY_FILE), summary)
+
+
+def read_summary(run_dir: str) -> dict[str, Any]:
+    return json.loads(read_text(join(run_dir, SUMMARY_FILE)))

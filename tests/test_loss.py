@@ -1,0 +1,48 @@
+"""View pairing and the cross-entropy (excb.loss)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from excb.loss import excb_loss, view_pairs
+
+
+def test_pairs_with_predictor_two_globals_six_locals() -> None:
+    pairs = view_pairs(2, 8, use_predictor=True)
+    assert len(pairs) == 18
+    for i in range(2):
+        mine = [p for p in pairs if p[0] == i]
+        assert len(mine) == 9
+        assert [(k, j) for _, k, j in mine if k == "direct"] == [("direct", 1 - i)]
+        assert sorted(j for _, k, j in mine if k == "predicted") == list(range(8))  # view i included
+
+
+def test_pairs_without_predictor_keep_local_crops() -> None:
+    pairs = view_pairs(2, 8, use_predictor=False)
+    assert len(pairs) == 14
+    assert all(k == "direct" for _, k, _ in pairs)
+    assert all(i != j for i, _, j in pairs)
+    assert {j for _, _, j in pairs} == set(range(8))
+
+
+def test_loss_value_matches_manual_average() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, k, tau = 5, 7, 0.1
+    p = [torch.softmax(torch.randn(b, k, generator=gen), -1) for _ in range(2)]
+    direct = [torch.randn(b, k, generator=gen) for _ in range(3)]
+    pred = [torch.randn(b, k, generator=gen) for _ in range(3)]
+    ce = lambda t, z: (-(t * F.log_softmax(z / tau, -1)).sum(-1)).mean()  # noqa: E731
+    manual = [ce(p[0], direct[1]), ce(p[1], direct[0])]
+    manual += [ce(p[i], pred[j]) for i in range(2) for j in range(3)]
+    expected = torch.stack(manual).mean()
+    torch.testing.assert_close(excb_loss(p, direct, pred, tau), expected)
+
+
+def test_loss_gradients_reach_only_student() -> None:
+    z_t = torch.randn(4, 6)
+    p = [torch.softmax(z_t, -1)] * 2
+    direct = [torch.randn(4, 6, requires_grad=True) for _ in range(2)]
+    loss = excb_loss(p, direct, None, 0.1)
+    loss.backward()
+    assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in direct)
