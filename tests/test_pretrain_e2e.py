@@ -1,0 +1,109 @@
+"""End to end through Ray: prepare → pretrain (Ray Data → Ray Train) → evaluate → report, resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from excb.checkpoint import list_checkpoints, read_state_dir
+from excb.cli import main as cli_main
+from excb.config import load_config
+from excb.data import prepare_fashion_mnist
+from excb.evaluate import evaluate_run
+from excb.pretrain import TrainingError, run_pretraining
+from excb.report import plot_run
+from excb.runfiles import read_metrics, read_summary
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+TINY = ["model.convnet_widths=[8,16]", "model.projector_hidden=64", "model.predictor_hidden=64",
+        "model.num_prototypes=16", "augment.num_local=2", "augment.local_size=12", "train.batch_size=64",
+        "train.cpus_per_worker=1", "train.torch_threads=1", "method.kmeans_samples=256", "method.kmeans_iters=5",
+        "optim.warmup_epochs=0.5", "eval.epoch_knn_train=256", "eval.epoch_knn_test=128",
+        "train.log_every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    dest = str(tmp_path_factory.mktemp("shards") / "fm")
+    prepare_fashion_mnist(dest, limit=320, rows_per_shard=100)
+    return dest
+
+
+def _cfg(shards: str, *extra: str):
+    return load_config(None, [*TINY, f"data.path={shards}", *extra])
+
+
+def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_path: Path) -> None:
+    summary = run_pretraining(_cfg(shards, "train.epochs=2"), storage_path=str(tmp_path), name="run")
+    run_dir = tmp_path / "run"
+    history = read_metrics(str(run_dir))
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[-1]["step"] == 2 * 5  # 320 rows // 64 = 5 steps per epoch
+    assert all(r["images_per_second"] > 0 and "subset_knn_top1" in r for r in history)
+    on_disk = read_summary(str(run_dir))
+    for key in ("knn_top1", "prototypes_used", "max_cluster_share_x_uniform", "epochs", "wall_seconds",
+                "images_per_second", "nmi", "normalized_entropy", "estimate_normalized_entropy"):
+        assert key in on_disk, key
+    assert on_disk["epochs"] == 2 and on_disk["eval_train_rows"] == 320 and on_disk["eval_test_rows"] == 320
+    assert 10.0 < on_disk["knn_top1"] <= 100.0  # ten classes: chance is 10 %
+    assert 0 < on_disk["prototypes_used"] <= 1
+    assert summary["knn_top1"] == on_disk["knn_top1"]
+    ckpts = list_checkpoints(str(run_dir))
+    assert [Path(c).name for c in ckpts] == ["checkpoint_epoch0001", "checkpoint_epoch0002"]
+    state = read_state_dir(ckpts[-1])
+    assert state["epoch"] == 2 and state["step"] == 10 and "sizes" in state["balancer"]
+    assert evaluate_run(str(run_dir))["knn_top1"] == pytest.approx(on_disk["knn_top1"])
+    pngs = plot_run(str(run_dir))
+    assert {Path(p).name for p in pngs} == {"loss.png", "knn.png", "clusters.png"}
+    assert all(Path(p).stat().st_size > 1000 for p in pngs)
+
+
+def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, tmp_path: Path) -> None:
+    run_pretraining(_cfg(shards, "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    first = read_metrics(str(tmp_path / "r"))
+    assert len(first) == 1
+    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    second = read_metrics(str(tmp_path / "r"))
+    assert [r["epoch"] for r in second] == [1, 2]
+    assert second[0] == first[0]  # epoch 1 was not trained again
+    assert second[1]["step"] == 10
+    # a finished run relaunched trains nothing more
+    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    assert read_metrics(str(tmp_path / "r")) == second
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ray_session: None, shards: str, tmp_path: Path) -> None:
+    run_pretraining(_cfg(shards, "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="n")
+    with pytest.raises(TrainingError, match="non-finite loss.*checkpoint_epoch0001"):
+        run_pretraining(_cfg(shards, "train.epochs=3", "optim.lr=1e38", "optim.warmup_epochs=0",
+                             "eval.final_eval=false"), storage_path=str(tmp_path), name="n")
+    ckpts = list_checkpoints(str(tmp_path / "n"))
+    assert [Path(c).name for c in ckpts] == ["checkpoint_epoch0001"]
+    assert read_state_dir(ckpts[-1])["epoch"] == 1
+
+
+def test_cli_rejects_unknown_key_before_starting(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli_main(["pretrain", "--storage-path", str(tmp_path), "train.epochz=3"])
+    assert code == 2
+    assert "train.epochz" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_cli_missing_dataset_says_how_to_get_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli_main(["pretrain", "--storage-path", str(tmp_path), "data.dataset=shards",
+                     f"data.path={tmp_path / 'nowhere'}"])
+    assert code == 2
+    assert "excb prepare" in capsys.readouterr().err
+
+
+def test_cli_evaluate_prints_json(ray_session: None, shards: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run_pretraining(_cfg(shards, "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="e")
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(tmp_path / "e")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epochs"] == 1 and "knn_top1" in out and "nmi" in out
+    assert read_summary(str(tmp_path / "e"))["knn_top1"] == out["knn_top1"]
