@@ -59,11 +59,12 @@ def _batches(shard: Any, batch_size: int, steps: int, device: torch.device, seed
         raise RuntimeError(f"data shard ran out after {n} of {steps} steps; every rank needs the same step count")
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average per-rank epoch statistics over all ranks (identity with one rank)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -136,7 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if rank == 0 and cfg.train.log_every_steps and (i + 1) % cfg.train.log_every_steps == 0:
                 print(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}", flush=True)
         seconds = time.time() - t0
-        metrics = _mean_over_ranks({k: v / spe for k, v in sums.items()})
+        metrics = _mean_over_ranks({k: v / spe for k, v in sums.items()}, device)
         metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]),
                        epoch_seconds=seconds, images_per_second=spe * cfg.train.batch_size / seconds,
                        **estimate_stats(balancer.sizes.cpu()))
