@@ -49,13 +49,14 @@ def ensure_dataset(cfg: ExcbConfig) -> None:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Start (or join, when RAY_ADDRESS is set) a Ray instance, quietly."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-10 s progress dumps drown the epoch lines
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
 
 
 def _find_nonfinite(err: BaseException) -> str | None:
@@ -104,6 +105,7 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
     """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json."""
     t0 = time.time()
     storage_path = absolute(storage_path)
+    cfg.data.path = absolute(cfg.data.path)  # workers run in their own directories
     ensure_dataset(cfg)
     init_ray(num_cpus)
     trainer, info = build_trainer(cfg, storage_path, name)

@@ -8,6 +8,7 @@ resumes from the newest checkpoint that verifies, so the final state has each ep
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -29,6 +30,12 @@ from excb.metrics import estimate_stats
 from excb.model import ExcbNetwork, build_student_teacher, unwrap
 from excb.runfiles import write_metrics
 from excb.schedules import build_schedules
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's real stdout, which Ray forwards to the driver once (Ray Train's patched
+    ``print`` would also copy it through its logger, so every line would show twice)."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _seed_everything(seed: int) -> None:
@@ -103,7 +110,7 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
         if rank == 0:
-            print(f"[excb] resumed from {where}: epoch {start_epoch}, step {step}", flush=True)
+            say(f"[excb] resumed from {where}: epoch {start_epoch}, step {step}")
     elif cfg.method.kmeans_init:
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
@@ -111,8 +118,8 @@ def train_worker(config: dict[str, Any]) -> None:
         counts = init_prototypes_kmeans(cfg, student, teacher, _batches(shard, per_worker, spe, device, rank),
                                         augment, gen, per_rank)
         if rank == 0:
-            print(f"[excb] k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
-                  f"({time.time() - t0:.1f}s)", flush=True)
+            say(f"[excb] k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
+                f"({time.time() - t0:.1f}s)")
 
     knn_data = None
     if rank == 0 and cfg.eval.epoch_knn_train > 0:
@@ -135,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 sums[key] += float(getattr(stats, key))
             step += 1
             if rank == 0 and cfg.train.log_every_steps and (i + 1) % cfg.train.log_every_steps == 0:
-                print(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}", flush=True)
+                say(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}")
         seconds = time.time() - t0
         metrics = _mean_over_ranks({k: v / spe for k, v in sums.items()}, device)
         metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]),
@@ -153,7 +160,7 @@ def train_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(new_local_state_dir(state))
             write_metrics(run_dir, history)
             knn = f" knn(subset) {metrics['subset_knn_top1']:.2f}%" if "subset_knn_top1" in metrics else ""
-            print(f"[excb] epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
-                  f"{metrics['images_per_second']:.0f} img/s max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} "
-                  f"({seconds:.0f}s)", flush=True)
+            say(f"[excb] epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
+                f"{metrics['images_per_second']:.0f} img/s max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} "
+                f"({seconds:.0f}s)")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))

@@ -22,7 +22,7 @@ def ray_session() -> Iterator[None]:
 
     if ray.is_initialized():  # pragma: no cover - something else left one running
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=2, logging_level=logging.WARNING)  # the dashboard serves the State API Train needs
     try:
         yield
     finally:

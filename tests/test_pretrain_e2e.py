@@ -36,8 +36,10 @@ def _cfg(shards: str, *extra: str):
     return load_config(None, [*TINY, f"data.path={shards}", *extra])
 
 
-def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_path: Path) -> None:
-    summary = run_pretraining(_cfg(shards, "train.epochs=2"), storage_path=str(tmp_path), name="run")
+def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(shards).parent)  # relative data path, as in the shipped configs
+    summary = run_pretraining(_cfg(Path(shards).name, "train.epochs=2"), storage_path=str(tmp_path), name="run")
     run_dir = tmp_path / "run"
     history = read_metrics(str(run_dir))
     assert [r["epoch"] for r in history] == [1, 2]
