@@ -9,12 +9,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from excb.runfiles import read_metrics  # noqa: E402
 from excb.storage import atomic_write_bytes, join, resolve_fs  # noqa: E402
 
 
 def _save(fig: Any, uri: str) -> str:
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

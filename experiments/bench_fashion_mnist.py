@@ -64,12 +64,12 @@ def main() -> int:
         "max_cluster_share_x_uniform": summary["max_cluster_share_x_uniform"] <= TARGETS["max_cluster_share_x_uniform"],
         "wall_minutes": wall / 60 <= TARGETS["wall_minutes"],
     }
-    shown = " ".join(["excb pretrain", "--config", args.config, *args.overrides])
+    shown = shlex.join(["excb", "pretrain", "--config", args.config, *args.overrides])
     entry = [
         f"### Fashion-MNIST default pretraining — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"- command: `.venv/bin/python experiments/bench_fashion_mnist.py {' '.join(args.overrides)}`".rstrip() +
-        f" (runs `{shown}`)",
+        f"- command: `{shlex.join(['.venv/bin/python', 'experiments/bench_fashion_mnist.py', *args.overrides])}` "
+        f"(runs `{shown}`)",
         f"- machine: {machine()}",
         f"- run directory: `{run_dir / name}`",
         "",
