@@ -15,9 +15,10 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 
 class ConvNet(nn.Module):
-    """Stages of two 3×3 conv–BN–ReLU layers, 2× down-sampling between stages, global average pool."""
+    """Stages of two 3×3 conv–BN–ReLU layers, 2× down-sampling between stages, then average pooling to a
+    ``pool``×``pool`` grid, flattened (``pool=1`` is global average pooling; a larger grid keeps coarse layout)."""
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), pool: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -28,10 +29,11 @@ class ConvNet(nn.Module):
                 layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
                 c = w
         self.features = nn.Sequential(*layers)
-        self.out_dim = c
+        self.pool = pool
+        self.out_dim = c * pool * pool
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), self.pool), 1)
 
 
 class TorchvisionResNet(nn.Module):
@@ -86,10 +88,10 @@ class ViTBackbone(nn.Module):
 
 
 def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128),
-                   image_size: int = 224) -> nn.Module:
+                   convnet_pool: int = 1, image_size: int = 224) -> nn.Module:
     """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16."""
     if name == "convnet":
-        return ConvNet(in_channels, tuple(convnet_widths))
+        return ConvNet(in_channels, tuple(convnet_widths), convnet_pool)
     if name == "resnet18_small":
         return TorchvisionResNet(resnet18(), in_channels, small_stem=True)
     if name == "resnet50":

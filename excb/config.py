@@ -36,6 +36,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "convnet"  # convnet | resnet18_small | resnet50 | vit_s16
     convnet_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    convnet_pool: int = 1  # ConvNet output: average-pool to a pool×pool grid (1 = global pooling)
     projector_hidden: int = 2048
     projector_out: int = 256
     predictor_hidden: int = 2048
@@ -235,6 +236,7 @@ def validate(cfg: ExcbConfig) -> None:
     _check(len(d.mean) == d.channels, "data.mean", f"needs {d.channels} values")
     _check(len(d.std) == d.channels and all(s > 0 for s in d.std), "data.std", f"needs {d.channels} positive values")
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}")
+    _check(m.convnet_pool >= 1, "model.convnet_pool", f"must be >= 1, got {m.convnet_pool}")
     _check(m.num_prototypes >= 2, "model.num_prototypes", f"must be >= 2, got {m.num_prototypes}")
     _check(m.head_norm in ("bn", "none"), "model.head_norm", "must be bn or none")
     for key in ("projector_hidden", "projector_out", "predictor_hidden"):

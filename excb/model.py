@@ -74,6 +74,7 @@ class ExcbNetwork(nn.Module):
         super().__init__()
         m = cfg.model
         self.backbone = build_backbone(m.backbone, cfg.data.channels, convnet_widths=tuple(m.convnet_widths),
+                                       convnet_pool=m.convnet_pool,
                                        image_size=cfg.augment.global_size)
         self.projector = mlp(self.backbone.out_dim, m.projector_hidden, m.projector_out, 3, m.head_norm)
         self.predictor: nn.Module | None = None

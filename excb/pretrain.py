@@ -60,6 +60,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def _find_nonfinite(err: BaseException) -> str | None:
+    """The NonFiniteLossError message inside Ray's wrapped worker error (Ray keeps only its text), if any."""
     text = f"{err!r} {err}"
     cur: BaseException | None = err
     while cur is not None:
@@ -131,7 +132,7 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
         summary.update(evaluate_run(run_dir))
     history = read_metrics(run_dir)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)
-    images = sum(info["steps_per_epoch"] * cfg.train.batch_size for _ in history)
+    images = len(history) * info["steps_per_epoch"] * cfg.train.batch_size
     summary.update(
         run_dir=run_dir, wall_seconds=time.time() - t0, fit_seconds=fit_seconds,
         train_seconds=train_seconds, images_per_second=images / train_seconds if train_seconds else 0.0,

@@ -20,6 +20,15 @@ def test_backbones_give_features(name: str, channels: int, size: int, dim: int) 
         assert net(torch.randn(2, channels, size, size)).shape == (2, dim)
 
 
+def test_convnet_grid_pooling_keeps_layout() -> None:
+    net = build_backbone("convnet", 1, convnet_widths=(8, 16), convnet_pool=2)
+    assert net.out_dim == 16 * 4
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(3, 1, 28, 28)).shape == (3, 64)
+        assert net(torch.randn(3, 1, 12, 12)).shape == (3, 64)  # local crops too
+
+
 def test_vit_s16_is_the_paper_configuration_and_takes_local_crops() -> None:
     net = build_backbone("vit_s16", 3, image_size=224)
     vit = net.vit
