@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from excb.augment import MultiCropAugment
 from excb.balancing import ClusterBalancer
 from excb.config import ExcbConfig
+from excb.kmeans import spherical_kmeans
 from excb.loss import excb_loss
 from excb.model import ExcbNetwork, ema_update, parameter_groups, unwrap
 from excb.schedules import Schedules
@@ -97,8 +98,6 @@ def init_prototypes_kmeans(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNet
     """Spherical k-means over the (random-init) teacher's L2-normalised projector outputs of one global view of
     up to ``max_samples`` images on this rank (k-means itself is global), copied into teacher and student
     prototypes. Returns the final cluster counts."""
-    from excb.kmeans import spherical_kmeans
-
     feats: list[Tensor] = []
     n = 0
     for images in batches:

@@ -15,7 +15,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from excb.checkpoint import list_checkpoints, load_latest
+from excb.checkpoint import list_checkpoints
 from excb.config import ExcbConfig, dump_yaml
 from excb.data.errors import DatasetNotFoundError
 from excb.data.pipeline import decoded_split

@@ -32,7 +32,6 @@ from PIL import Image
 from excb.data.errors import DatasetNotFoundError
 from excb.storage import atomic_write_bytes as _atomic_write_bytes
 from excb.storage import atomic_write_table as _atomic_write_table
-from excb.storage import delete_quietly as _delete_quietly
 from excb.storage import join as _join
 from excb.storage import resolve_fs
 from excb.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES

@@ -8,7 +8,6 @@ on the development machine at a time, so run pytest as
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
