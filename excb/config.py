@@ -1,6 +1,6 @@
 """Typed run configuration: YAML file + ``section.key=value`` overrides, validated before anything starts.
 
-A config has one section per concern (data, model, method, augment, optim, train, eval). Every key has a
+A config has one section per concern (data, model, method, augment, optim, train, eval, storage). Every key has a
 default here, so a YAML file only lists what it changes. Unknown sections or keys and invalid values raise
 :class:`ConfigError` naming the offending key.
 """
@@ -11,7 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -98,14 +99,35 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 256  # global batch = per-worker batch × num_workers
-    num_workers: int = 1
+    num_workers: int | list[int] = 1  # N, or [min, max] for elastic training (Ray Train resizes within the range)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per worker
+    elastic_resize_interval_s: float = 60.0  # elastic runs: how often Ray Train considers growing the group
     torch_threads: int = 0  # 0 = all cores of the machine
+    precision: str = "fp32"  # fp32 | bf16 (autocast for the forward passes; optimiser state stays fp32)
     seed: int = 0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
     log_every_steps: int = 50
+    record_sample_ids: bool = False  # audit: write the ids each rank consumed per epoch to RUN/sample_ids/
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Fixed per-worker batch: ``batch_size`` is the global batch at ``max_workers`` workers."""
+        return self.batch_size // self.max_workers
 
 
 @dataclass
@@ -118,6 +140,24 @@ class EvalConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Object storage (s3://, gs://). Empty values fall back to the standard environment variables
+    (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, GOOGLE_APPLICATION_CREDENTIALS).
+    Credentials given here are never logged and are redacted in the run's saved config."""
+
+    endpoint_url: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO, moto, R2, ...)
+    region: str = ""
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+    read_retries: int = 3  # attempts per shard read before the shard is reported by name
+
+
+SECRET_KEYS = ("access_key_id", "secret_access_key")
+
+
+@dataclass
 class ExcbConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -126,6 +166,7 @@ class ExcbConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +182,16 @@ BACKBONES = ("convnet", "resnet18_small", "resnet50", "vit_s16")
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Convert a YAML value to the declared field type, or raise naming the key."""
     origin = get_origin(hint)
+    if origin in (Union, types.UnionType):  # int | list[int]: a list takes the list form
+        options = get_args(hint)
+        want_list = isinstance(value, (list, tuple))
+        chosen = next((h for h in options if (get_origin(h) is list) == want_list), options[0])
+        return _coerce(value, chosen, key)
+    if origin is dict:
+        _kt, vt = get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -270,15 +321,38 @@ def validate(cfg: ExcbConfig) -> None:
     _check(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
-    _check(t.batch_size >= 2 and t.batch_size % t.num_workers == 0, "train.batch_size",
-           f"must be >= 2 and divisible by train.num_workers ({t.num_workers}), got {t.batch_size}")
+    _check(not isinstance(t.num_workers, list) or len(t.num_workers) == 2, "train.num_workers",
+           f"must be N or [min, max], got {t.num_workers}")
+    _check(1 <= t.min_workers <= t.max_workers, "train.num_workers",
+           f"must be >= 1 (and min <= max), got {t.num_workers}")
+    _check(t.batch_size >= 2 and t.batch_size % t.max_workers == 0, "train.batch_size",
+           f"must be >= 2 and divisible by the (maximum) number of workers ({t.max_workers}), got {t.batch_size}")
+    _check(t.elastic_resize_interval_s >= 0, "train.elastic_resize_interval_s", "must be >= 0")
+    _check(all(v >= 0 for v in t.worker_resources.values()), "train.worker_resources", "amounts must be >= 0")
+    _check(not (t.elastic and t.max_failures == 0), "train.max_failures",
+           "elastic training needs max_failures != 0 (a lost worker is a failure the run must survive)")
+    st = cfg.storage
+    _check(st.connect_timeout_s > 0 and st.request_timeout_s > 0, "storage.connect_timeout_s", "timeouts must be > 0")
+    _check(st.read_retries >= 1, "storage.read_retries", "must be >= 1")
+    _check(bool(st.access_key_id) == bool(st.secret_access_key), "storage.access_key_id",
+           "give both access_key_id and secret_access_key, or neither (then the environment is used)")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
     _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
 
 
+def redacted_dict(cfg: ExcbConfig) -> dict[str, Any]:
+    """The config as a dict with storage credentials replaced by ``***`` (safe to save or print)."""
+    d = cfg.to_dict()
+    for key in SECRET_KEYS:
+        if d["storage"].get(key):
+            d["storage"][key] = "***"
+    return d
+
+
 def dump_yaml(cfg: ExcbConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """YAML of the config, credentials redacted."""
+    return yaml.safe_dump(redacted_dict(cfg), sort_keys=False)

@@ -23,8 +23,10 @@ from excb.data.shards import prepare_fashion_mnist, shards_exist
 from excb.engine import NonFiniteLossError
 from excb.evaluate import evaluate_run
 from excb.runfiles import CONFIG_FILE, read_metrics, write_summary
-from excb.schedules import steps_per_epoch
-from excb.storage import absolute, join, write_text
+from excb.data.shards import verify_shards
+from excb.scaling import plan_for
+from excb.storage import absolute, check_reachable, join, ray_filesystem, resolve_fs, write_text
+from excb.storage import configure as configure_storage
 from excb.train import train_worker
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ class TrainingError(RuntimeError):
 
 
 def ensure_dataset(cfg: ExcbConfig) -> None:
-    """Fashion-MNIST shards are prepared on first use; any other dataset must already be prepared."""
+    """Fashion-MNIST shards are prepared on first use; any other dataset must already be prepared. Object
+    storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI."""
+    check_reachable(cfg.data.path, "dataset")
     if shards_exist(cfg.data.path):
         return
     if cfg.data.dataset == "fashion_mnist":
@@ -73,31 +77,47 @@ def _find_nonfinite(err: BaseException) -> str | None:
     return None
 
 
-def build_trainer(cfg: ExcbConfig, storage_path: str, name: str) -> tuple[TorchTrainer, dict[str, Any]]:
-    """Data (decoded once, materialised in the object store, block order shuffled per epoch) and the trainer."""
+def _scaling_config(cfg: ExcbConfig) -> ray.train.ScalingConfig:
+    """Fixed ``N`` workers, or ``(min, max)`` for Ray Train's elastic scaling; resources per worker."""
     t = cfg.train
+    resources: dict[str, float] = {"CPU": t.cpus_per_worker, **t.worker_resources}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    if not t.elastic:
+        return ray.train.ScalingConfig(num_workers=t.max_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(num_workers=(t.min_workers, t.max_workers), use_gpu=t.use_gpu,
+                                   resources_per_worker=resources,
+                                   elastic_resize_monitor_interval_s=t.elastic_resize_interval_s)
+
+
+def build_trainer(cfg: ExcbConfig, storage_path: str, name: str) -> tuple[TorchTrainer, dict[str, Any]]:
+    """Data (decoded once, materialised in the object store, block order shuffled per pass) and the trainer.
+
+    ``storage_path`` may be local or an s3:// / gs:// URI; Ray Train persists checkpoints there through the
+    same pyarrow filesystem the rest of the run uses.
+    """
+    t = cfg.train
+    verify_shards(cfg.data.path, "train", retries=cfg.storage.read_retries)
     decoded = decoded_split(cfg.data.path, "train", image_size=cfg.data.image_size, channels=cfg.data.channels,
                             strict=cfg.data.strict_decode, limit=cfg.data.limit or None)
     if decoded.corrupt:
         print(f"[excb] skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})", flush=True)
-    spe = steps_per_epoch(decoded.rows, t.batch_size)
+    plan = plan_for(cfg, t.max_workers, decoded.rows)  # raises early when the data is smaller than one batch
     run_dir = join(storage_path, name)
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
+    fs = ray_filesystem(storage_path)
+    ray_storage_path = resolve_fs(storage_path)[1] if fs is not None else storage_path
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": spe, "run_dir": run_dir},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={"cfg": cfg.to_dict(), "train_rows": decoded.rows, "run_dir": run_dir},
+        scaling_config=_scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=ray_storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets={"train": decoded.dataset.randomize_block_order()},
     )
-    info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt, "steps_per_epoch": spe,
-            "run_dir": run_dir}
+    info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,
+            "steps_per_epoch": plan.steps_per_epoch, "run_dir": run_dir}
     return trainer, info
 
 
@@ -105,8 +125,10 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
                     num_cpus: int | None = None) -> dict[str, Any]:
     """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json."""
     t0 = time.time()
+    configure_storage(cfg.storage)
     storage_path = absolute(storage_path)
     cfg.data.path = absolute(cfg.data.path)  # workers run in their own directories
+    check_reachable(storage_path, "storage path")
     ensure_dataset(cfg)
     init_ray(num_cpus)
     trainer, info = build_trainer(cfg, storage_path, name)
@@ -114,6 +136,9 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
     write_text(join(run_dir, CONFIG_FILE), dump_yaml(cfg))
     print(f"[excb] run {run_dir}: {info['train_rows']} images, {info['steps_per_epoch']} steps/epoch, "
           f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)", flush=True)
+    if cfg.train.elastic:
+        print(f"[excb] elastic: {cfg.train.min_workers}-{cfg.train.max_workers} workers, per-worker batch "
+              f"{cfg.train.per_worker_batch}, lr scaled by workers/{cfg.train.max_workers}", flush=True)
     t_fit = time.time()
     try:
         trainer.fit()
@@ -132,12 +157,17 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
         summary.update(evaluate_run(run_dir))
     history = read_metrics(run_dir)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)
-    images = len(history) * info["steps_per_epoch"] * cfg.train.batch_size
+    images = sum(r.get("steps_per_epoch", info["steps_per_epoch"]) * r.get("global_batch", cfg.train.batch_size)
+                 for r in history)
     summary.update(
         run_dir=run_dir, wall_seconds=time.time() - t0, fit_seconds=fit_seconds,
         train_seconds=train_seconds, images_per_second=images / train_seconds if train_seconds else 0.0,
         epochs=len(history), train_rows=info["train_rows"], corrupt_images=info["corrupt_images"],
         num_workers=cfg.train.num_workers, batch_size=cfg.train.batch_size,
+        workers_per_epoch=[r.get("workers", cfg.train.max_workers) for r in history],
+        optimizer_steps=history[-1]["step"] if history else 0,
+        data_wait_fraction=(sum(r.get("data_wait_fraction", 0.0) * r.get("epoch_seconds", 0.0) for r in history)
+                            / train_seconds if train_seconds else 0.0),
         num_prototypes=cfg.model.num_prototypes, backbone=cfg.model.backbone)
     write_summary(run_dir, summary)
     return summary

@@ -4,6 +4,7 @@
     RUN_DIR/metrics.jsonl     one JSON object per finished epoch (rewritten atomically from the checkpointed history)
     RUN_DIR/summary.json      final evaluation and run totals
     RUN_DIR/plots/*.png       drawn by ``excb report``
+    RUN_DIR/sample_ids/       with ``train.record_sample_ids``: the ids each rank consumed in each finished pass
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from excb.storage import exists, join, read_text, write_json, write_text
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+SAMPLE_IDS_DIR = "sample_ids"
 
 
 def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:

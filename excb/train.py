@@ -1,6 +1,6 @@
 """The Ray Train worker loop: plain PyTorch plus ``get_dataset_shard``, ``report`` and checkpoints.
 
-Every rank runs exactly ``steps_per_epoch`` steps per epoch. After each epoch rank 0 writes a checkpoint (model,
+Every rank runs exactly the same number of steps per epoch. After each epoch rank 0 writes a checkpoint (model,
 teacher, optimiser, balancer, step, epoch, metric history) and reports the epoch's metrics; relaunching the run
 resumes from the newest checkpoint that verifies, so the final state has each epoch exactly once.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,14 +24,18 @@ from torch import nn
 from excb.augment import MultiCropAugment
 from excb.balancing import ClusterBalancer
 from excb.checkpoint import CheckpointError, checkpoint_dir_name, list_checkpoints, load_latest, new_local_state_dir
-from excb.config import ExcbConfig, from_dict
+from excb.config import ExcbConfig, from_dict, redacted_dict
 from excb.data.pipeline import load_split_arrays
 from excb.engine import StepStats, build_optimizer, init_prototypes_kmeans, train_step
 from excb.evaluate import evaluate_teacher
 from excb.metrics import estimate_stats
 from excb.model import ExcbNetwork, build_student_teacher, unwrap
-from excb.runfiles import write_metrics
+from excb.runfiles import SAMPLE_IDS_DIR, write_metrics
+from excb.scaling import plan_for
 from excb.schedules import build_schedules
+from excb.storage import configure as configure_storage
+from excb.syncbn import convert_global_batchnorm
+from excb.storage import join, write_text
 
 
 def say(message: str) -> None:
@@ -49,21 +55,39 @@ def training_state(student: nn.Module, teacher: ExcbNetwork, balancer: ClusterBa
     """Everything a resume needs, as plain tensors, numbers and strings (loadable with weights_only=True)."""
     return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
             "balancer": balancer.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "history": history, "config": cfg.to_dict()}
+            "epoch": epoch, "step": step, "history": history, "config": redacted_dict(cfg)}
 
 
-def _batches(shard: Any, batch_size: int, steps: int, device: torch.device, seed: int):
-    """Exactly ``steps`` uint8 image batches from this worker's shard (one pass, local shuffle)."""
-    it = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
-                                  local_shuffle_seed=seed, device=device)
-    n = 0
-    for batch in it:
-        if n == steps:
-            break
-        yield batch["image"]
-        n += 1
-    if n < steps:
-        raise RuntimeError(f"data shard ran out after {n} of {steps} steps; every rank needs the same step count")
+class EpochFeed:
+    """Exactly ``steps`` uint8 image batches from this worker's shard for one pass, timing the wait for data.
+
+    The order is Ray Data's block order for this pass (randomised per pass) refined by a local shuffle buffer
+    seeded with ``seed``; ``wait_seconds`` is the time spent waiting for the next batch (not hidden by prefetch),
+    and ``ids`` (when recording) the sample ids consumed, in order.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, steps: int, device: torch.device, seed: int,
+                 record_ids: bool = False) -> None:
+        self.shard, self.batch_size, self.steps, self.device, self.seed = shard, batch_size, steps, device, seed
+        self.wait_seconds = 0.0
+        self.ids: list[str] | None = [] if record_ids else None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        it = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+                                          local_shuffle_buffer_size=4 * self.batch_size,
+                                          local_shuffle_seed=self.seed))
+        for n in range(self.steps):
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(f"data shard ran out after {n} of {self.steps} steps; every rank needs the "
+                                   "same step count") from None
+            images = torch.from_numpy(batch["image"]).to(self.device, non_blocking=True)
+            self.wait_seconds += time.perf_counter() - t0
+            if self.ids is not None and "id" in batch:
+                self.ids.extend(str(i) for i in batch["id"])
+            yield images
 
 
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -77,28 +101,48 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, t.tolist()))
 
 
+def _write_sample_ids(run_dir: str, epoch: int, rank: int, ids: list[str]) -> None:
+    """Audit record of one finished pass: ``RUN/sample_ids/epochNNNN-rankR-<attempt>.txt``, one id per line."""
+    name = f"epoch{epoch:04d}-rank{rank}-{uuid.uuid4().hex[:8]}.txt"
+    write_text(join(run_dir, SAMPLE_IDS_DIR, name), "\n".join(ids) + "\n")
+
+
+def _autocast_dtype(cfg: ExcbConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when ``train.precision`` is bf16 (on CUDA, or CPU for tests); None = fp32."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else None
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` holds the ExCB config dict, ``steps_per_epoch`` and ``run_dir``."""
+    """Ray Train entry point; ``config`` holds the ExCB config dict, ``train_rows`` and ``run_dir``.
+
+    Each (re)start of the worker group — first launch, restart after a failure, elastic resize — resumes from
+    the newest checkpoint that verifies and restarts its epoch from the first step, with the batch, lr and
+    step count of :func:`excb.scaling.plan_for` for the group's size.
+    """
     cfg = from_dict(config["cfg"])
-    spe, run_dir = int(config["steps_per_epoch"]), config["run_dir"]
+    configure_storage(cfg.storage)
+    run_dir = config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = plan_for(cfg, world, int(config["train_rows"]))
+    spe = plan.steps_per_epoch
     torch.set_num_threads(cfg.train.torch_threads or os.cpu_count() or 1)
     _seed_everything(cfg.train.seed)
     device = ray.train.torch.get_device()
+    autocast_dtype = _autocast_dtype(cfg, device)
     student, teacher = build_student_teacher(cfg)
+    if world > 1:  # batch statistics over the global batch, for the student and the teacher alike
+        student = convert_global_batchnorm(student, device.type)
+        teacher = convert_global_batchnorm(teacher, device.type)
     teacher.to(device)
-    if world > 1:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student = ray.train.torch.prepare_model(student)  # moves to the device; DDP when world > 1
     balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum, cfg.method.argmax_boost).to(device)
     optimizer = build_optimizer(cfg, student)
-    schedules = build_schedules(cfg, spe)
+    schedules = build_schedules(cfg, spe, lr_scale=plan.lr_scale)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
-    per_worker = cfg.train.batch_size // world
     shard = ray.train.get_dataset_shard("train")
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, history = 0, []
     try:
         state, where = load_latest(list_checkpoints(run_dir), map_location=device)
     except CheckpointError:
@@ -108,18 +152,20 @@ def train_worker(config: dict[str, Any]) -> None:
         teacher.load_state_dict(state["teacher"])
         balancer.load_state_dict(state["balancer"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
         if rank == 0:
-            say(f"[excb] resumed from {where}: epoch {start_epoch}, step {step}")
+            say(f"[excb] resumed from {where}: epoch {start_epoch} done, {world} worker(s), global batch "
+                f"{plan.global_batch}, lr x{plan.lr_scale:g}")
     elif cfg.method.kmeans_init:
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
         per_rank = -(-cfg.method.kmeans_samples // world)
-        counts = init_prototypes_kmeans(cfg, student, teacher, _batches(shard, per_worker, spe, device, rank),
-                                        augment, gen, per_rank)
+        feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=rank)
+        counts = init_prototypes_kmeans(cfg, student, teacher, feed, augment, gen, per_rank)
         if rank == 0:
             say(f"[excb] k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
                 f"({time.time() - t0:.1f}s)")
+    step = plan.start_step(start_epoch)
 
     knn_data = None
     if rank == 0 and cfg.eval.epoch_knn_train > 0:
@@ -131,23 +177,28 @@ def train_worker(config: dict[str, Any]) -> None:
     student.train()
     teacher.train()
     for epoch in range(start_epoch, cfg.train.epochs):
-        # Per-epoch seeds: a resumed epoch draws the same views as it would have without the interruption.
+        # Per-epoch seeds: a restarted epoch draws the same views and local shuffle as its interrupted attempt.
         gen = torch.Generator().manual_seed((cfg.train.seed + 1) * 100_003 + epoch * 1_009 + rank)
         t0 = time.time()
         sums = {"loss": 0.0, "teacher_confidence": 0.0, "unique_targets": 0.0, "changed_by_balancing": 0.0}
-        for i, images in enumerate(_batches(shard, per_worker, spe, device, seed=epoch * 7919 + rank)):
+        feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=(cfg.train.seed + 1) * 7919 + epoch * 31 + rank,
+                         record_ids=cfg.train.record_sample_ids)
+        for i, images in enumerate(feed):
             stats: StepStats = train_step(cfg, student, teacher, balancer, optimizer, augment, schedules, images,
-                                          step, epoch, gen)
+                                          step, epoch, gen, autocast_dtype=autocast_dtype)
             for key in sums:
                 sums[key] += float(getattr(stats, key))
             step += 1
             if rank == 0 and cfg.train.log_every_steps and (i + 1) % cfg.train.log_every_steps == 0:
                 say(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}")
         seconds = time.time() - t0
-        metrics = _mean_over_ranks({k: v / spe for k, v in sums.items()}, device)
-        metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]),
-                       epoch_seconds=seconds, images_per_second=spe * cfg.train.batch_size / seconds,
-                       **estimate_stats(balancer.sizes.cpu()))
+        if feed.ids is not None:
+            _write_sample_ids(run_dir, epoch + 1, rank, feed.ids)
+        metrics = _mean_over_ranks({**{k: v / spe for k, v in sums.items()},
+                                    "data_wait_fraction": feed.wait_seconds / seconds}, device)
+        metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]), workers=world,
+                       global_batch=plan.global_batch, steps_per_epoch=spe, epoch_seconds=seconds,
+                       images_per_second=spe * plan.global_batch / seconds, **estimate_stats(balancer.sizes.cpu()))
         if knn_data is not None:
             (trx, try_), (tex, tey) = knn_data
             ev = evaluate_teacher(teacher, augment, torch.from_numpy(trx), try_, torch.from_numpy(tex), tey,
@@ -161,6 +212,6 @@ def train_worker(config: dict[str, Any]) -> None:
             write_metrics(run_dir, history)
             knn = f" knn(subset) {metrics['subset_knn_top1']:.2f}%" if "subset_knn_top1" in metrics else ""
             say(f"[excb] epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
-                f"{metrics['images_per_second']:.0f} img/s max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} "
-                f"({seconds:.0f}s)")
+                f"{metrics['images_per_second']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
+                f"max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))

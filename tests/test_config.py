@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from excb.config import ConfigError, load_config
+from excb.config import ConfigError, dump_yaml, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +49,27 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_worker_counts_resources_and_elastic_range() -> None:
+    fixed = load_config(None, ["train.num_workers=2"]).train
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (2, 2, False)
+    elastic = load_config(None, ["train.num_workers=[1, 4]", "train.max_failures=-1", "train.batch_size=256",
+                                 "train.worker_resources={slot: 1}"]).train
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic, elastic.per_worker_batch) == (1, 4, True, 64)
+    assert elastic.worker_resources == {"slot": 1.0}
+    for bad, key in ((["train.num_workers=[1, 2, 3]"], "train.num_workers"),
+                     (["train.num_workers=[3, 2]", "train.max_failures=1"], "train.num_workers"),
+                     (["train.num_workers=[1, 2]"], "train.max_failures"),  # elastic needs failures allowed
+                     (["train.worker_resources=4"], "train.worker_resources"),
+                     (["train.precision=fp16"], "train.precision"),
+                     (["storage.access_key_id=only-half"], "storage.access_key_id")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, bad)
+
+
+def test_saved_config_redacts_credentials() -> None:
+    cfg = load_config(None, ["storage.access_key_id=AKIDSECRET", "storage.secret_access_key=VERYSECRET"])
+    text = dump_yaml(cfg)
+    assert "AKIDSECRET" not in text and "VERYSECRET" not in text and "***" in text
+    assert cfg.to_dict()["storage"]["secret_access_key"] == "VERYSECRET"  # workers still get the real value

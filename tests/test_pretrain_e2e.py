@@ -15,14 +15,9 @@ from excb.evaluate import evaluate_run
 from excb.pretrain import TrainingError, run_pretraining
 from excb.report import plot_run
 from excb.runfiles import read_metrics, read_summary
+from tiny import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-TINY = ["model.convnet_widths=[8,16]", "model.projector_hidden=64", "model.predictor_hidden=64",
-        "model.num_prototypes=16", "augment.num_local=2", "augment.local_size=12", "train.batch_size=64",
-        "train.cpus_per_worker=1", "train.torch_threads=1", "method.kmeans_samples=256", "method.kmeans_iters=5",
-        "optim.warmup_epochs=0.5", "eval.epoch_knn_train=256", "eval.epoch_knn_test=128",
-        "train.log_every_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +70,14 @@ def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, 
     # a finished run relaunched trains nothing more
     run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
     assert read_metrics(str(tmp_path / "r")) == second
+    # a corrupted newest checkpoint is detected; the relaunch resumes from the one before and redoes epoch 2
+    state_file = tmp_path / "r" / "checkpoint_epoch0002" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:-100])
+    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    third = read_metrics(str(tmp_path / "r"))
+    assert [r["epoch"] for r in third] == [1, 2] and third[0] == first[0] and third[1]["step"] == 10
+    assert third[1]["epoch_seconds"] != second[1]["epoch_seconds"]  # epoch 2 was trained again
+    assert read_state_dir(str(tmp_path / "r" / "checkpoint_epoch0002"))["epoch"] == 2  # and rewritten whole
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ray_session: None, shards: str, tmp_path: Path) -> None:

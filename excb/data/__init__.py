@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from excb.data.decode import decode_batch, decode_image
-from excb.data.errors import CorruptImageError, DatasetNotFoundError
+from excb.data.errors import CorruptImageError, DatasetNotFoundError, ShardReadError
 from excb.data.fashion_mnist import (
     CLASSES as FASHION_MNIST_CLASSES,
 )
@@ -12,7 +12,12 @@ from excb.data.fashion_mnist import (
     read_idx_images,
     read_idx_labels,
 )
-from excb.data.pipeline import DecodedSplit, decoded_split, load_split_arrays, read_split
+from excb.data.pipeline import (
+    DecodedSplit,
+    decoded_split,
+    load_split_arrays,
+    read_split,
+)
 from excb.data.shards import (
     FORMAT,
     list_shards,
@@ -21,6 +26,7 @@ from excb.data.shards import (
     read_meta,
     resolve_fs,
     shards_exist,
+    verify_shards,
     write_meta,
     write_split,
 )
@@ -31,6 +37,7 @@ __all__ = [
     "CorruptImageError",
     "DatasetNotFoundError",
     "DecodedSplit",
+    "ShardReadError",
     "decode_batch",
     "decode_image",
     "decoded_split",
@@ -45,6 +52,7 @@ __all__ = [
     "read_split",
     "resolve_fs",
     "shards_exist",
+    "verify_shards",
     "write_meta",
     "write_split",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DatasetNotFoundError", "CorruptImageError"]
+__all__ = ["CorruptImageError", "DatasetNotFoundError", "ShardReadError"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -14,3 +14,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class CorruptImageError(ValueError):
     """An encoded image could not be decoded (raised in strict mode)."""
+
+
+class ShardReadError(OSError):
+    """A Parquet shard could not be read after every retry.
+
+    The message names the shard's full path or URI and the last error.
+    """

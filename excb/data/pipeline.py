@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 from excb.data.decode import decode_batch
 from excb.data.errors import CorruptImageError, DatasetNotFoundError
 from excb.data.shards import list_shards, resolve_fs
+from excb.storage import ray_filesystem
 
 if TYPE_CHECKING:
     import ray.data
@@ -47,13 +48,17 @@ def _require_shards(uri: str, split: str) -> list[str]:
 def read_split(uri: str, split: str) -> ray.data.Dataset:
     """Lazily read the Parquet shards of ``split`` as a :class:`ray.data.Dataset`.
 
+    For URIs, Ray's tasks get :func:`excb.storage.ray_filesystem` (the configured endpoint and credentials).
+
     Raises:
         DatasetNotFoundError: the split folder is missing or has no shards.
     """
     import ray.data
 
     _require_shards(uri, split)
-    return ray.data.read_parquet(_split_uri(uri, split), file_extensions=["parquet"])
+    return ray.data.read_parquet(
+        _split_uri(uri, split), file_extensions=["parquet"], filesystem=ray_filesystem(uri)
+    )
 
 
 @dataclass
@@ -67,8 +72,8 @@ class DecodedSplit:
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:
-    """Keep rows that decoded and drop the bookkeeping columns."""
-    return table.filter(table["ok"]).drop_columns(["ok", "id"])
+    """Keep rows that decoded and drop the bookkeeping column."""
+    return table.filter(table["ok"]).drop_columns(["ok"])
 
 
 def _bad_ids(table: pa.Table) -> pa.Table:
@@ -112,8 +117,8 @@ def decoded_split(
     Rows whose image does not decode are dropped (or, with ``strict=True``,
     :class:`~excb.data.errors.CorruptImageError` naming the row id is raised,
     unwrapped from Ray's task error). The returned dataset
-    has the columns ``image`` (uint8 ``[C, S, S]`` per row) and ``label``
-    (int64, -1 for unlabelled data).
+    has the columns ``id`` (string), ``image`` (uint8 ``[C, S, S]`` per row)
+    and ``label`` (int64, -1 for unlabelled data).
 
     Args:
         limit: read only the first ``limit`` rows.
@@ -152,7 +157,7 @@ def decoded_split(
     if corrupt:
         clean = decoded.map_batches(_ok_rows, batch_format="pyarrow", batch_size=None)
     else:
-        clean = decoded.drop_columns(["ok", "id"])
+        clean = decoded.drop_columns(["ok"])
     return DecodedSplit(
         dataset=clean.materialize(), rows=total - corrupt, corrupt=corrupt, corrupt_ids=corrupt_ids
     )

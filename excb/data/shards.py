@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import posixpath
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,15 +28,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from PIL import Image
 
-from excb.data.errors import DatasetNotFoundError
+from excb.data.errors import DatasetNotFoundError, ShardReadError
+from excb.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from excb.data.fashion_mnist import load_fashion_mnist
 from excb.storage import atomic_write_bytes as _atomic_write_bytes
 from excb.storage import atomic_write_table as _atomic_write_table
 from excb.storage import join as _join
 from excb.storage import resolve_fs
-from excb.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-from excb.data.fashion_mnist import load_fashion_mnist
 
 __all__ = [
     "FORMAT",
@@ -48,6 +50,7 @@ __all__ = [
     "resolve_fs",
     "shard_schema",
     "shards_exist",
+    "verify_shards",
     "write_meta",
     "write_split",
 ]
@@ -67,6 +70,11 @@ _READ_THREADS = 16
 def list_shards(uri: str, split: str) -> list[str]:
     """Sorted filesystem paths of the Parquet shards of ``split`` (empty if none)."""
     fs, root = resolve_fs(uri)
+    return _list_shards(fs, root, split)
+
+
+def _list_shards(fs: pafs.FileSystem, root: str, split: str) -> list[str]:
+    """Sorted paths of the Parquet shards in ``root/split`` on ``fs`` (empty if none)."""
     folder = posixpath.join(root, split)
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sorted(
@@ -76,6 +84,66 @@ def list_shards(uri: str, split: str) -> list[str]:
         and i.base_name.startswith(_SHARD_PREFIX)
         and i.base_name.endswith(_SHARD_SUFFIX)
     )
+
+
+def _read_rows(fs: pafs.FileSystem, path: str, name: str, retries: int, backoff_s: float) -> int:
+    """Row count from the Parquet footer of one shard, retried with exponential backoff.
+
+    Raises:
+        ShardReadError: every one of the ``retries`` attempts failed; names ``name`` and the last error.
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            return pq.read_metadata(path, filesystem=fs).num_rows
+        except (OSError, pa.ArrowException) as exc:
+            if attempt == retries:
+                raise ShardReadError(
+                    f"cannot read shard {name} after {retries} attempt{'s' if retries > 1 else ''}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "reading shard %s failed (attempt %d/%d: %s); retrying in %.2f s", name, attempt, retries, exc, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def verify_shards(
+    uri: str,
+    split: str,
+    retries: int = 3,
+    backoff_s: float = 0.2,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> int:
+    """Read the Parquet footer of every shard of ``split`` (in threads) and return the total row count.
+
+    Each failed read is retried up to ``retries`` attempts in all, sleeping ``backoff_s``, ``2 * backoff_s``,
+    ... in between and logging a warning per retry. A split without shards counts 0 rows.
+
+    Args:
+        filesystem: read ``uri`` as a path on this filesystem instead of resolving it with
+            :func:`excb.storage.resolve_fs`.
+
+    Raises:
+        ShardReadError: a shard still fails after ``retries`` attempts; the message names its full path/URI.
+    """
+    if retries < 1:
+        raise ValueError(f"retries must be >= 1, got {retries}")
+    fs, root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve_fs(uri)
+    shards = _list_shards(fs, root, split)
+    scheme = uri.split("://", 1)[0] + "://" if filesystem is None and "://" in uri else ""
+    if not shards:
+        return 0
+    pool = ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(shards)))
+    try:
+        counts = list(pool.map(lambda p: _read_rows(fs, p, scheme + p, retries, backoff_s), shards))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return sum(counts)
 
 
 # --------------------------------------------------------------------------- shards

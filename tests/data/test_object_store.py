@@ -1,41 +1,25 @@
-"""The same shard code against an S3 endpoint (a local moto server, real pyarrow S3FileSystem)."""
+"""The same shard code against an S3 endpoint (the ``s3_bucket`` fixture: a real moto server, real S3FileSystem)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from excb.config import StorageConfig
 from excb.data import (
     list_shards,
     load_split_arrays,
     prepare_fashion_mnist,
     prepare_image_folder,
     read_meta,
+    read_split,
     shards_exist,
+    write_split,
 )
-
-
-@pytest.fixture()
-def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """An empty bucket on a moto S3 server; yields ``s3://bucket``."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        boto3.client("s3").create_bucket(Bucket="excb-test")
-        yield "s3://excb-test"
-    finally:
-        server.stop()
+from excb.storage import configure
 
 
 def test_prepare_and_load_on_s3(s3_bucket: str, fashion_test: tuple[np.ndarray, np.ndarray]) -> None:
@@ -58,8 +42,23 @@ def test_image_folder_from_s3(s3_bucket: str, fashion_test: tuple[np.ndarray, np
         buf = io.BytesIO()
         Image.fromarray(fashion_test[0][i]).save(buf, format="PNG")
         cls = "a" if i % 2 else "b"
-        client.put_object(Bucket="excb-test", Key=f"tree/train/{cls}/{i}.png", Body=buf.getvalue())
+        client.put_object(Bucket=s3_bucket.removeprefix("s3://"), Key=f"tree/train/{cls}/{i}.png", Body=buf.getvalue())
     meta = prepare_image_folder(f"{s3_bucket}/tree", f"{s3_bucket}/out")
     assert meta["splits"] == {"train": 4} and meta["classes"] == ["a", "b"]
     x, y = load_split_arrays(f"{s3_bucket}/out", "train", image_size=28, channels=1)
     assert sorted(y.tolist()) == [0, 0, 1, 1] and x.shape == (4, 1, 28, 28)
+
+
+@pytest.mark.ray
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+def test_read_split_on_s3_uses_configured_storage(
+    ray_session: None, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's read tasks (other processes, no AWS variables) reach the bucket through the configured options."""
+    dest = f"{s3_bucket}/ds"
+    write_split(((f"r{i}", b"bytes", i) for i in range(10)), dest, "train", rows_per_shard=4)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    configure(StorageConfig(endpoint_url=s3_endpoint, region="us-east-1", access_key_id="k", secret_access_key="s"))
+    ids = [row["id"] for row in read_split(dest, "train").iter_rows()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(10))

@@ -74,8 +74,9 @@ def test_decoded_split_counts_corrupt(ray_session: None, with_corrupt: str, prep
     assert sorted(result.corrupt_ids) == BAD_IDS
     ds = result.dataset
     assert ds.count() == prepared_rows
-    assert set(ds.schema().names) == {"image", "label"}
+    assert set(ds.schema().names) == {"id", "image", "label"}
     batch = ds.take_batch(prepared_rows + 10, batch_format="numpy")
+    assert not set(batch["id"].tolist()) & set(BAD_IDS)  # the ids of kept rows travel with them
     assert batch["image"].shape == (prepared_rows, 1, 28, 28)
     assert batch["image"].dtype == np.uint8
     assert batch["image"].reshape(prepared_rows, -1).any(axis=1).all()  # no zero images kept

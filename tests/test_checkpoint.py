@@ -1,0 +1,78 @@
+"""Training-state checkpoints: atomic writes, checksums, and falling back to the previous checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from excb.checkpoint import (CheckpointError, checkpoint_dir_name, list_checkpoints, load_latest, read_state_dir,
+                             write_state_dir)
+
+
+def _write(run: Path, epoch: int) -> Path:
+    d = run / checkpoint_dir_name(epoch)
+    write_state_dir({"epoch": epoch, "step": 10 * epoch, "w": torch.full((3,), float(epoch))}, str(d))
+    return d
+
+
+def test_round_trip_and_order(tmp_path: Path) -> None:
+    for e in (2, 1, 10):
+        _write(tmp_path, e)
+    (tmp_path / "not_a_checkpoint").mkdir()
+    names = [Path(c).name for c in list_checkpoints(str(tmp_path))]
+    assert names == ["checkpoint_epoch0001", "checkpoint_epoch0002", "checkpoint_epoch0010"]
+    state, where = load_latest(list_checkpoints(str(tmp_path)))
+    assert Path(where).name == "checkpoint_epoch0010" and state["step"] == 100
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_meta", "no_state"])
+def test_corrupt_newest_falls_back_with_warning(tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    _write(tmp_path, 1)
+    bad = _write(tmp_path, 2)
+    data = (bad / "state.pt").read_bytes()
+    if damage == "flip":
+        (bad / "state.pt").write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncate":
+        (bad / "state.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "no_meta":
+        (bad / "state.json").unlink()
+    else:
+        (bad / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint_epoch0002"):
+        read_state_dir(str(bad))
+    with caplog.at_level(logging.WARNING, logger="excb.checkpoint"):
+        state, where = load_latest(list_checkpoints(str(tmp_path)))
+    assert Path(where).name == "checkpoint_epoch0001" and state["epoch"] == 1
+    assert "checkpoint_epoch0002" in caplog.text
+
+
+def test_no_usable_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        load_latest(list_checkpoints(str(tmp_path / "missing")))
+    d = _write(tmp_path, 1)
+    (d / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest(list_checkpoints(str(tmp_path)))
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    """weights_only loading: a checkpoint that would run code on load is rejected, even with a valid checksum."""
+    import hashlib
+    import json
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    d = tmp_path / checkpoint_dir_name(1)
+    d.mkdir()
+    data = pickle.dumps({"epoch": 1, "x": Boom()})
+    (d / "state.pt").write_bytes(data)
+    (d / "state.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
+    with pytest.raises(CheckpointError, match="fails to load"):
+        read_state_dir(str(d))

@@ -1,0 +1,164 @@
+"""Scale-out through Ray's real machinery on one machine: 2 data-parallel workers, a worker killed with SIGKILL in
+the middle of an epoch, and a driver killed and relaunched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import ray
+
+from excb.checkpoint import list_checkpoints, read_state_dir
+from excb.config import dump_yaml, load_config
+from excb.data import prepare_fashion_mnist
+from excb.pretrain import run_pretraining
+from excb.runfiles import SAMPLE_IDS_DIR, read_metrics
+from tiny import TINY
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+ROWS = 2000  # shards of 700, 700 and 600 rows: uneven on purpose
+BATCH = 64
+STEPS = ROWS // BATCH  # 31 steps per epoch for any number of workers that divides the batch
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    dest = str(tmp_path_factory.mktemp("shards") / "fm")
+    prepare_fashion_mnist(dest, limit=ROWS, rows_per_shard=700)
+    return dest
+
+
+def _cfg(shards: str, *extra: str):
+    return load_config(None, [*TINY, f"data.path={shards}", "train.cpus_per_worker=0.5",
+                              "eval.final_eval=false", *extra])
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes (their process title names the actor class)."""
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                pids.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def _wait_for_epochs(run_dir: Path, n: int, alive: Any) -> list[dict[str, Any]]:
+    """Poll metrics.jsonl until it holds ``n`` epochs (the run keeps going meanwhile)."""
+    while alive():
+        if (run_dir / "metrics.jsonl").exists():
+            history = read_metrics(str(run_dir))
+            if len(history) >= n:
+                return history
+        time.sleep(0.1)
+    raise AssertionError(f"the run ended before epoch {n} was reported")
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def test_two_workers_follow_one_worker(ray_session: None, shards: str, tmp_path: Path) -> None:
+    """Global batch 64 as 1×64 and as 2×32 through Ray Train, same data and seed: the same step count, batch and
+    lr schedule, and the same loss curve within 15 % per epoch. Through Ray the runs are not bitwise reproducible
+    (Ray Data draws a fresh block order each pass, and the two set-ups draw different random views), and on this
+    tiny model the loss wanders: the same 1-worker config measured 2.31-2.56 at epoch 2 across runs, a spread of
+    8 %. The exact statement — identical views and data give the same losses to 3e-5 and the same weights — is
+    tested without Ray in test_data_parallel.py."""
+    one = run_pretraining(_cfg(shards, "train.epochs=3"), str(tmp_path), "one")
+    two = run_pretraining(_cfg(shards, "train.epochs=3", "train.num_workers=2"), str(tmp_path), "two")
+    h1, h2 = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [r["workers"] for r in h1] == [1, 1, 1] and [r["workers"] for r in h2] == [2, 2, 2]
+    assert [r["global_batch"] for r in h2] == [BATCH] * 3
+    assert [r["step"] for r in h1] == [r["step"] for r in h2] == [STEPS, 2 * STEPS, 3 * STEPS]
+    for a, b in zip(h1, h2):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 0.15, (a["loss"], b["loss"])
+        assert a["lr"] == pytest.approx(b["lr"])
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 3 * STEPS
+    # the size estimate is all-reduced: every rank checkpoints the same one, and it moved away from uniform
+    state = read_state_dir(list_checkpoints(str(tmp_path / "two"))[-1])
+    assert state["balancer"]["sizes"].sum().item() == pytest.approx(1.0)
+    assert h2[-1]["estimate_max_cluster_share_x_uniform"] > 1.0
+
+
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_session: None, shards: str, tmp_path: Path) -> None:
+    cfg = _cfg(shards, "train.epochs=4", "train.max_failures=2", "train.record_sample_ids=true")
+    thread, result = _in_thread(lambda: run_pretraining(cfg, str(tmp_path), "k"))
+    run_dir = tmp_path / "k"
+    before = _wait_for_epochs(run_dir, 1, thread.is_alive)
+    time.sleep(before[0]["epoch_seconds"] / 2)  # into the middle of epoch 2
+    victims = _train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join()
+    assert "error" not in result, result.get("error")
+    assert victims[0] not in _train_worker_pids()
+
+    history = read_metrics(str(run_dir))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # no epoch skipped, none twice
+    assert history[0] == before[0]  # epoch 1 came from the checkpoint, not from training it again
+    state = read_state_dir(list_checkpoints(str(run_dir))[-1])
+    assert state["step"] == result["value"]["optimizer_steps"] == 4 * STEPS  # as many steps as without the kill
+    _check_each_pass_is_complete(run_dir, epochs=4)
+
+
+def _check_each_pass_is_complete(run_dir: Path, epochs: int) -> None:
+    """The data-order guarantee: every finished pass (including the restarted one) consumed STEPS×BATCH distinct
+    training rows, none skipped beyond the drop-last remainder, and the order changes from epoch to epoch."""
+    files = sorted((run_dir / SAMPLE_IDS_DIR).iterdir())
+    by_epoch: dict[int, list[list[str]]] = {}
+    for f in files:
+        by_epoch.setdefault(int(f.name[5:9]), []).append(f.read_text().split())
+    assert sorted(by_epoch) == list(range(1, epochs + 1))
+    for passes in by_epoch.values():
+        for ids in passes:
+            assert len(ids) == len(set(ids)) == STEPS * BATCH
+            assert all(i.startswith("train-") for i in ids)
+    assert by_epoch[1][0] != by_epoch[2][0]
+
+
+def test_driver_killed_and_relaunched_resumes(ray_session: None, shards: str, tmp_path: Path) -> None:
+    """SIGKILL the `excb pretrain` process (joined to this test's Ray instance), then run the same command again."""
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_yaml(_cfg(shards, "train.epochs=4")))
+    excb = str(Path(sys.executable).with_name("excb"))
+    cmd = [excb, "pretrain", "--config", str(cfg_file), "--storage-path", str(tmp_path), "--name", "d"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            before = _wait_for_epochs(tmp_path / "d", 1, lambda: first.poll() is None)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert len(before) < 4
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    history = read_metrics(str(tmp_path / "d"))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[0] == before[0]
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 4 * STEPS
