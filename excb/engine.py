@@ -7,8 +7,12 @@ step's lr / wd → EMA teacher update → size-estimate update from argmax p.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +50,32 @@ def apply_schedule(optimizer: torch.optim.Optimizer, schedules: Schedules, step:
             g["weight_decay"] = float(schedules.prototype_weight_decay[step])
 
 
+class PhaseTimer:
+    """Wall time per phase of a training step. It synchronises the device at every phase boundary, which costs a
+    little throughput: use it to profile (``excb bench``, experiments), not in training runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[name] += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _untimed(name: str) -> Iterator[None]:
+    yield
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -55,12 +85,14 @@ class StepStats:
 
 
 def teacher_targets(teacher: ExcbNetwork, balancer: ClusterBalancer, global_views: list[Tensor],
-                    teacher_temp: float) -> tuple[list[Tensor], float]:
+                    teacher_temp: float, phase: Any = _untimed) -> tuple[list[Tensor], float]:
     """p_i = softmax(B(z_t,i) / τ_t) for each global view; also the fraction of argmaxes B changed."""
     with torch.no_grad():
-        z = torch.cat(teacher(global_views, num_global=len(global_views)).direct).float()
-        zb = balancer.balance(z)
-        p = torch.softmax(zb / teacher_temp, dim=-1)
+        with phase("teacher"):
+            z = torch.cat(teacher(global_views, num_global=len(global_views)).direct).float()
+        with phase("balance"):
+            zb = balancer.balance(z)
+            p = torch.softmax(zb / teacher_temp, dim=-1)
         changed = (z.argmax(-1) != zb.argmax(-1)).float().mean().item()
     return list(p.chunk(len(global_views))), changed
 
@@ -68,25 +100,36 @@ def teacher_targets(teacher: ExcbNetwork, balancer: ClusterBalancer, global_view
 def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balancer: ClusterBalancer,
                optimizer: torch.optim.Optimizer, augment: MultiCropAugment, schedules: Schedules,
                images: Tensor, step: int, epoch: int, gen: torch.Generator,
-               autocast_dtype: torch.dtype | None = None) -> StepStats:
-    """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step``."""
-    views = augment(images, float(schedules.crop_min_scale[epoch]), gen)
+               autocast_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None) -> StepStats:
+    """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step``.
+
+    ``timer`` (optional) records the time of each phase: views, teacher, balance (operator B and the softmax),
+    student, loss_backward, optimizer, ema, estimate (the size-estimate update)."""
+    phase = timer or _untimed
+    with phase("views"):
+        views = augment(images, float(schedules.crop_min_scale[epoch]), gen)
     apply_schedule(optimizer, schedules, step)
     device_type = images.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        targets, changed = teacher_targets(teacher, balancer, views[:2], cfg.method.teacher_temp)
-        out = student(views, num_global=2)
-        loss = excb_loss(targets, out.direct, out.predicted, cfg.method.student_temp)
+        targets, changed = teacher_targets(teacher, balancer, views[:2], cfg.method.teacher_temp, phase)
+        with phase("student"):
+            out = student(views, num_global=2)
+        with phase("loss_backward"):
+            loss = excb_loss(targets, out.direct, out.predicted, cfg.method.student_temp)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-    optimizer.step()
-    ema_update(teacher, unwrap(student), float(schedules.ema_momentum[step]))
-    p = torch.cat(targets)
-    balancer.update(p)
+    with phase("loss_backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer"):
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+    with phase("ema"):
+        ema_update(teacher, unwrap(student), float(schedules.ema_momentum[step]))
+    with phase("estimate"):
+        p = torch.cat(targets)
+        balancer.update(p)
     return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
                      unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
 

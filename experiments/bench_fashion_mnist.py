@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -20,24 +18,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT, append_results, machine
+
 TARGETS = {"knn_top1": 87.0, "prototypes_used": 0.90, "max_cluster_share_x_uniform": 5.0, "wall_minutes": 30.0}
-
-
-def machine() -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {gpu}, Python {platform.python_version()}"
 
 
 def main() -> int:
@@ -90,11 +73,7 @@ def main() -> int:
         f"{summary['train_seconds'] / 60:.1f} min | | |",
         "",
     ]
-    results = Path(args.results)
-    text = results.read_text() if results.exists() else "# Measured results\n\n"
-    tmp = results.with_suffix(".md.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n\n" + "\n".join(entry))
-    tmp.replace(results)
+    append_results(entry, Path(args.results))
     print("\n".join(entry))
     return 0 if all(checks.values()) else 1
 

@@ -1,0 +1,141 @@
+"""Profile ExCB training steps on synthetic in-memory uint8 images, on CPU or GPU, without Ray: images/s, the
+time of each phase of the step, and peak accelerator memory. Each setting is a label plus config overrides.
+
+    .venv/bin/python experiments/step_profile.py --out results.json [--steps 20] [--compile] [--setting NAME K=V ...]
+
+Without --setting it runs the built-in settings for the device it finds (GPU: ResNet-50 at 224 px with 2×224 +
+6×96 crops, K = 65,536, bf16, channels_last, at two batch sizes; then the Fashion-MNIST ConvNet; CPU: the
+Fashion-MNIST ConvNet and ResNet-18). Phase times come from synchronised timers (PhaseTimer); images/s is measured
+separately without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from excb.augment import MultiCropAugment  # noqa: E402
+from excb.balancing import ClusterBalancer  # noqa: E402
+from excb.config import load_config  # noqa: E402
+from excb.engine import PhaseTimer, build_optimizer, train_step  # noqa: E402
+from excb.model import build_student_teacher  # noqa: E402
+from excb.schedules import build_schedules  # noqa: E402
+
+RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=224", "data.mean=[0.485,0.456,0.406]",
+                "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",
+                "augment.num_local=6", "model.num_prototypes=65536", "model.projector_hidden=2048",
+                "model.predictor_hidden=2048", "model.projector_out=256", "train.precision=bf16"]
+FASHION = ["--config", "experiments/fashion_mnist.yaml"]
+GPU_SETTINGS = {
+    "resnet50-224-b128-bf16": RESNET50_224 + ["train.batch_size=128"],
+    "resnet50-224-b256-bf16": RESNET50_224 + ["train.batch_size=256"],
+    "resnet50-224-b128-fp32": RESNET50_224 + ["train.batch_size=128", "train.precision=fp32"],
+    "convnet-fashion-b256": FASHION,
+    "resnet18_small-fashion-b256": FASHION + ["model.backbone=resnet18_small"],
+    **{f"resnet50-224-b128-bf16-K{k}": RESNET50_224 + ["train.batch_size=128", f"model.num_prototypes={k}"]
+       for k in (1024, 4096, 16384)},
+}
+CPU_SETTINGS = {
+    "convnet-fashion-b256": FASHION,
+    "resnet18_small-fashion-b256": FASHION + ["model.backbone=resnet18_small"],
+}
+
+
+def profile(label: str, spec: list[str], steps: int, device: torch.device, compile_model: bool) -> dict[str, Any]:
+    config = None
+    if spec[:1] == ["--config"]:
+        config, spec = spec[1], spec[2:]
+    cfg = load_config(ROOT / config if config else None, spec)
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    if compile_model:
+        student.backbone = torch.compile(student.backbone)
+        teacher.backbone = torch.compile(teacher.backbone)
+    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum).to(device)
+    opt = build_optimizer(cfg, student)
+    aug = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
+    sched = build_schedules(cfg, steps_per_epoch=2 * steps + 10)
+    gen = torch.Generator().manual_seed(0)  # view parameters are drawn on the CPU, as in training
+    b, c, s = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
+    x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=gen).to(device)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_warm = time.perf_counter()
+    for i in range(3):
+        train_step(cfg, student, teacher, balancer, opt, aug, sched, x, i, 0, gen, autocast_dtype=dtype)
+    warmup_s = time.perf_counter() - t_warm
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        stats = train_step(cfg, student, teacher, balancer, opt, aug, sched, x, 3 + i, 0, gen, autocast_dtype=dtype)
+    sync()
+    per_step = (time.perf_counter() - t0) / steps
+    timer = PhaseTimer(device)
+    for i in range(steps):
+        train_step(cfg, student, teacher, balancer, opt, aug, sched, x, 3 + steps + i, 0, gen, autocast_dtype=dtype,
+                   timer=timer)
+    phases = {k: v / steps for k, v in timer.seconds.items()}
+    total = sum(phases.values())
+    out = {"setting": label, "overrides": spec, "config": config, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "batch": b, "precision": cfg.train.precision, "compiled": compile_model,
+           "num_prototypes": cfg.model.num_prototypes, "crops": f"2x{cfg.augment.global_size}+"
+           f"{cfg.augment.num_local}x{cfg.augment.local_size}",
+           "ms_per_step": 1000 * per_step, "images_per_second": b / per_step, "warmup_seconds": warmup_s,
+           "phase_ms": {k: 1000 * v for k, v in phases.items()},
+           "phase_share": {k: v / total for k, v in phases.items()},
+           "balancing_share": (phases.get("balance", 0.0) + phases.get("estimate", 0.0)) / total,
+           "final_loss": stats.loss}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True, help="JSON file to write (rewritten after every setting)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compile", action="store_true", help="also run each GPU ResNet setting with torch.compile")
+    ap.add_argument("--setting", nargs="+", action="append", default=[], metavar="NAME_THEN_OVERRIDES")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = ({s[0]: s[1:] for s in args.setting} if args.setting
+                else GPU_SETTINGS if device.type == "cuda" else CPU_SETTINGS)
+    results: list[dict[str, Any]] = []
+    runs = [(name, spec, False) for name, spec in settings.items()]
+    if args.compile and device.type == "cuda":
+        runs.append(("resnet50-224-b128-bf16-compiled", GPU_SETTINGS["resnet50-224-b128-bf16"], True))
+    for name, spec, compiled in runs:
+        try:
+            r = profile(name, spec, args.steps, device, compiled)
+        except Exception as e:  # noqa: BLE001 - record and go on to the next setting
+            r = {"setting": name, "error": f"{type(e).__name__}: {e}"}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(args.out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
