@@ -1,4 +1,4 @@
-"""``excb prepare | pretrain | evaluate | report`` — the command line."""
+"""``excb prepare | pretrain | sweep | evaluate | report`` — the command line."""
 
 from __future__ import annotations
 
@@ -78,10 +78,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from excb.report import plot_run
+    from excb.report import plot_run, plot_sweep
+    from excb.storage import exists, join
 
-    for path in plot_run(args.run_dir, args.out):
+    is_sweep = exists(join(args.run_dir, "trials.csv"))
+    for path in (plot_sweep if is_sweep else plot_run)(args.run_dir, args.out):
         print(path)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from excb.report import plot_sweep
+    from excb.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.config, args.overrides)  # validates before Ray starts
+    name = args.name or Path(args.config).stem
+    summary = run_sweep(spec, storage_path=args.storage_path, name=name, num_cpus=args.num_cpus)
+    print(json.dumps(summary, indent=2, default=str))
+    try:
+        for path in plot_sweep(summary["experiment"]):
+            print(path)
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best config are written
+        print(f"[excb] plotting failed: {e}", file=sys.stderr)
     return 0
 
 
@@ -111,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", dest="write", action="store_false", help="do not update summary.json")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="draw a run's metrics as PNG plots")
-    p.add_argument("run_dir")
+    p = sub.add_parser("sweep", help="Ray Tune sweep over config keys (resumes a sweep of the same name)")
+    p.add_argument("--config", required=True, help="sweep YAML (see excb/sweep.py)")
+    p.add_argument("--storage-path", default="runs")
+    p.add_argument("--name", default=None, help="sweep name (default: the sweep file's stem)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="draw a run's (or a sweep's) metrics as PNG plots")
+    p.add_argument("run_dir", help="a run directory, or a sweep directory (with trials.csv)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_report)
     return ap
@@ -122,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from excb.config import ConfigError
-    from excb.data.errors import CorruptImageError, DatasetNotFoundError
+    from excb.data.errors import CorruptImageError, DatasetNotFoundError, ShardReadError
     from excb.pretrain import TrainingError
+    from excb.storage import StorageError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetNotFoundError, CorruptImageError, TrainingError) as e:
+    except (ConfigError, DatasetNotFoundError, CorruptImageError, ShardReadError, StorageError, TrainingError) as e:
         print(f"excb: error: {e}", file=sys.stderr)
         return 2
 

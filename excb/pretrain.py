@@ -90,7 +90,8 @@ def _scaling_config(cfg: ExcbConfig) -> ray.train.ScalingConfig:
                                    elastic_resize_monitor_interval_s=t.elastic_resize_interval_s)
 
 
-def build_trainer(cfg: ExcbConfig, storage_path: str, name: str) -> tuple[TorchTrainer, dict[str, Any]]:
+def build_trainer(cfg: ExcbConfig, storage_path: str, name: str,
+                  callbacks: list[Any] | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
     """Data (decoded once, materialised in the object store, block order shuffled per pass) and the trainer.
 
     ``storage_path`` may be local or an s3:// / gs:// URI; Ray Train persists checkpoints there through the
@@ -113,7 +114,8 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str) -> tuple[TorchT
         run_config=ray.train.RunConfig(
             name=name, storage_path=ray_storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks),
         datasets={"train": decoded.dataset.randomize_block_order()},
     )
     info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,

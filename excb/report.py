@@ -12,12 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from excb.runfiles import read_metrics  # noqa: E402
-from excb.storage import atomic_write_bytes, join, resolve_fs  # noqa: E402
+from excb.storage import atomic_write_bytes, exists, join, read_text, resolve_fs  # noqa: E402
 
 
-def _save(fig: Any, uri: str) -> str:
-    for ax in fig.axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _save(fig: Any, uri: str, integer_x: bool = True) -> str:
+    if integer_x:  # epochs
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -75,5 +76,64 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     a2.legend(fontsize=7)
     a2.grid(alpha=0.3)
     written.append(_save(fig, join(out, "clusters.png")))
+    return written
+
+
+
+def _read_trials(sweep_dir: str) -> list[dict[str, str]]:
+    import csv
+
+    return list(csv.DictReader(io.StringIO(read_text(join(sweep_dir, "trials.csv")))))
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def plot_sweep(sweep_dir: str, out_dir: str | None = None) -> list[str]:
+    """From SWEEP_DIR/trials.csv and each trial's runs/<id>/metrics.jsonl draw, into SWEEP_DIR/plots:
+    ``metric_vs_<key>.png`` (best metric of every trial against each swept key; errored trials marked) and
+    ``learning_curves.png`` (the metric per epoch of all trials)."""
+    import json
+
+    summary = json.loads(read_text(join(sweep_dir, "sweep.json")))
+    metric, space = summary["metric"], summary["space"]
+    trials = _read_trials(sweep_dir)
+    out = out_dir or join(sweep_dir, "plots")
+    written = []
+    best_col = f"best_{metric}"
+    for key, dom in space.items():
+        kind = next(iter(dom))
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ok = [(t[key], _number(t[best_col])) for t in trials if _number(t[best_col]) is not None]
+        numeric = all(_number(v) is not None for v, _ in ok)
+        xs = [_number(v) if numeric else str(v) for v, _ in ok]
+        ax.scatter(xs, [m for _, m in ok], color="tab:blue", label="trials")
+        bad = [t[key] for t in trials if t["status"] == "ERROR"]
+        if bad and numeric and all(_number(v) is not None for v in bad):
+            lo = min((m for _, m in ok), default=0.0)
+            ax.scatter([_number(v) for v in bad], [lo] * len(bad), marker="x", color="tab:red", label="failed")
+        if kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=f"best {metric}", title=f"{metric} vs {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, join(out, f"metric_vs_{key}.png"), integer_x=False))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in trials:
+        run = join(sweep_dir, "runs", t["trial_id"])
+        if not exists(join(run, "metrics.jsonl")):
+            continue
+        e, v = _series(read_metrics(run), metric)
+        if v:
+            label = ", ".join(f"{k.split('.')[-1]}={t[k]}" for k in space)
+            ax.plot(e, v, marker=".", label=label[:60])
+    ax.set(xlabel="epoch", ylabel=metric, title="learning curves of all trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    written.append(_save(fig, join(out, "learning_curves.png")))
     return written
 

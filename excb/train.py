@@ -107,11 +107,6 @@ def _write_sample_ids(run_dir: str, epoch: int, rank: int, ids: list[str]) -> No
     write_text(join(run_dir, SAMPLE_IDS_DIR, name), "\n".join(ids) + "\n")
 
 
-def _autocast_dtype(cfg: ExcbConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast when ``train.precision`` is bf16 (on CUDA, or CPU for tests); None = fp32."""
-    return torch.bfloat16 if cfg.train.precision == "bf16" else None
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` holds the ExCB config dict, ``train_rows`` and ``run_dir``.
 
@@ -129,7 +124,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.torch_threads or os.cpu_count() or 1)
     _seed_everything(cfg.train.seed)
     device = ray.train.torch.get_device()
-    autocast_dtype = _autocast_dtype(cfg, device)
+    autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None  # None: fp32
     student, teacher = build_student_teacher(cfg)
     if world > 1:  # batch statistics over the global batch, for the student and the teacher alike
         student = convert_global_batchnorm(student, device.type)
