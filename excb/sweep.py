@@ -166,8 +166,9 @@ def build_tuner(spec: SweepSpec, storage_path: str, name: str) -> Any:
     return tune.Tuner(
         trainable, param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                    search_alg=BasicVariantGenerator(random_state=spec.seed),
-                                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials),
+                                    search_alg=BasicVariantGenerator(random_state=spec.seed,
+                                                                     max_concurrent=spec.max_concurrent_trials),
+                                    num_samples=spec.num_samples),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=_callbacks(spec)))
 
 
@@ -179,22 +180,34 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def trials_table(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial: id, status, swept values, final and best metric, epochs run, wall time, error."""
+def trials_table(results: Any, spec: SweepSpec, experiment: str) -> list[dict[str, Any]]:
+    """One row per trial: id, status, swept values, final and best metric, epochs run, wall time, error.
+
+    Epochs and metrics come from the trial's own Train run (``runs/<trial_id>/metrics.jsonl``) when it exists:
+    a trial that ASHA stops can finish the epoch it was in before it is stopped, and Tune's record ends earlier."""
+    from excb.runfiles import read_metrics
+    from excb.storage import exists
+
     pick = max if spec.mode == "max" else min
     rows = []
     for r in results:
-        df = r.metrics_dataframe
-        history = [v for v in (df[spec.metric].tolist() if df is not None and spec.metric in df else [])
-                   if _finite(v) is not None]
         metrics = r.metrics or {}
-        row: dict[str, Any] = {"trial_id": metrics.get("trial_id") or Path(r.path).name,
-                               "status": "ERROR" if r.error else "TERMINATED"}
+        trial_id = metrics.get("trial_id") or Path(r.path).name
+        run_dir = join(experiment, RUNS_DIR, trial_id)
+        history = read_metrics(run_dir) if exists(join(run_dir, "metrics.jsonl")) else []
+        if history:
+            values = [_finite(h.get(spec.metric)) for h in history]
+            epochs = int(history[-1]["epoch"])
+        else:
+            df = r.metrics_dataframe
+            values = [_finite(v) for v in (df[spec.metric].tolist() if df is not None and spec.metric in df else [])]
+            epochs = int(metrics.get("epoch", 0) or 0)
+        values = [v for v in values if v is not None]
+        row: dict[str, Any] = {"trial_id": trial_id, "status": "ERROR" if r.error else "TERMINATED"}
         row.update({k: r.config.get(k) for k in spec.space})
-        row.update({f"final_{spec.metric}": history[-1] if history else None,
-                    f"best_{spec.metric}": pick(history) if history else None,
-                    "epochs": int(metrics.get("epoch", 0) or 0),
-                    "wall_seconds": _finite(metrics.get("time_total_s")),
+        row.update({f"final_{spec.metric}": values[-1] if values else None,
+                    f"best_{spec.metric}": pick(values) if values else None,
+                    "epochs": epochs, "wall_seconds": _finite(metrics.get("time_total_s")),
                     "error": str(r.error).strip().splitlines()[-1][:300] if r.error else ""})
         rows.append(row)
     return rows
@@ -221,7 +234,7 @@ def run_sweep(spec: SweepSpec, storage_path: str = "runs", name: str = "sweep",
     init_ray(num_cpus)
     grid = build_tuner(spec, storage_path, name).fit()
     experiment = join(storage_path, name)
-    rows = trials_table(grid, spec)
+    rows = trials_table(grid, spec, experiment)
     write_text(join(experiment, TRIALS_FILE), _csv(rows))
     key = f"best_{spec.metric}"
     done = [r for r in rows if r[key] is not None]
