@@ -132,3 +132,20 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     for name, (text, mtime) in before.items():  # finished trials were not trained again
         assert (runs / name / "metrics.jsonl").read_text() == text
         assert (runs / name / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.ray
+def test_mlflow_callback_logs_every_trial(ray_session: None, shards: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store keeps the test free of a database
+    uri = (tmp_path / "mlruns").as_uri()
+    path = _write_sweep(tmp_path, shards, {"model.num_prototypes": {"grid": [8, 16]}}, asha=None,
+                        mlflow={"tracking_uri": uri, "experiment": "excb-test"})
+    summary = run_sweep(load_sweep(path), storage_path=str(tmp_path), name="ml")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("excb-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == summary["trials"] == 2
+    assert all("subset_knn_top1" in r.data.metrics for r in runs)
+    assert sorted(r.data.params["model.num_prototypes"] for r in runs) == ["16", "8"]
