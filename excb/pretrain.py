@@ -19,13 +19,19 @@ from excb.checkpoint import list_checkpoints
 from excb.config import ExcbConfig, dump_yaml
 from excb.data.errors import DatasetNotFoundError
 from excb.data.pipeline import decoded_split
-from excb.data.shards import prepare_fashion_mnist, shards_exist
+from excb.data.shards import prepare_fashion_mnist, shards_exist, verify_shards
 from excb.engine import NonFiniteLossError
 from excb.evaluate import evaluate_run
 from excb.runfiles import CONFIG_FILE, read_metrics, write_summary
-from excb.data.shards import verify_shards
 from excb.scaling import plan_for
-from excb.storage import absolute, check_reachable, join, ray_filesystem, resolve_fs, write_text
+from excb.storage import (
+    absolute,
+    check_reachable,
+    join,
+    ray_filesystem,
+    resolve_fs,
+    write_text,
+)
 from excb.storage import configure as configure_storage
 from excb.train import train_worker
 

@@ -227,10 +227,18 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def run_sweep(spec: SweepSpec, storage_path: str = "runs", name: str = "sweep",
               num_cpus: int | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv, best_config.yaml and sweep.json; return the sweep summary."""
-    from excb.pretrain import init_ray
+    from excb.pretrain import ensure_dataset, init_ray
     from excb.storage import absolute
+    from excb.storage import configure as configure_storage
 
     storage_path = absolute(storage_path)
+    # Trials run in their own working directories: pin the data path, and prepare the data once, here.
+    cfg = spec.base_config()
+    if "://" not in cfg.data.path:
+        spec.overrides = [*spec.overrides, f"data.path={absolute(cfg.data.path)}"]
+        cfg.data.path = absolute(cfg.data.path)
+    configure_storage(cfg.storage)
+    ensure_dataset(cfg)
     init_ray(num_cpus)
     grid = build_tuner(spec, storage_path, name).fit()
     experiment = join(storage_path, name)
