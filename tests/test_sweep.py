@@ -14,6 +14,7 @@ import pytest
 import ray
 import yaml
 
+from excb.cli import main as cli_main
 from excb.config import ConfigError, load_config
 from excb.data import prepare_fashion_mnist
 from excb.report import plot_sweep
@@ -89,6 +90,9 @@ def test_four_trial_sweep_table_best_config_tensorboard_plots(ray_session: None,
     plots = plot_sweep(str(exp))
     assert {Path(p).name for p in plots} == {"metric_vs_model.num_prototypes.png",
                                              "metric_vs_method.teacher_temp.png", "learning_curves.png"}
+    assert all(Path(p).stat().st_size > 1000 for p in plots)
+    assert cli_main(["report", str(exp), "--out", str(tmp_path / "again")]) == 0  # `excb report SWEEP_DIR`
+    assert len(list((tmp_path / "again").glob("*.png"))) == 3
 
 
 @pytest.mark.ray
