@@ -12,17 +12,9 @@ Usage::
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def _all_reduce_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over all ranks when torch.distributed is initialised; ``x`` itself otherwise."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= dist.get_world_size()
-    return x
+from excb.distributed import all_reduce_mean
 
 
 def balance_similarities(z: Tensor, sizes: Tensor, argmax_boost: float = 1.01, eps: float = 1e-8) -> Tensor:
@@ -89,7 +81,7 @@ class ClusterBalancer(nn.Module):
         """EMA of the hard-assignment histogram of teacher probabilities ``p`` [..., K]; returns the histogram."""
         if p.shape[-1] != self.num_clusters:
             raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(p.shape)}")
-        hist = _all_reduce_mean(assignment_histogram(p).to(self.sizes.device))
+        hist = all_reduce_mean(assignment_histogram(p).to(self.sizes.device))
         self.sizes.mul_(self.momentum).add_(hist.to(self.sizes.dtype), alpha=1.0 - self.momentum)
         return hist
 

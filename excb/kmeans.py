@@ -11,9 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from excb.distributed import is_distributed
 
 
 def _assign(x: Tensor, centres: Tensor, chunk: int = 8192) -> Tensor:
@@ -28,7 +26,7 @@ def _initial_centres(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     if idx.numel() < k:
         idx = torch.cat([idx, torch.randint(n, (k - idx.numel(),), generator=generator)])
     centres = x[idx.to(x.device)].clone()
-    if _distributed():
+    if is_distributed():
         dist.broadcast(centres, src=0)
     return centres
 
@@ -50,7 +48,7 @@ def spherical_kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple
         labels = _assign(x, centres)
         sums = torch.zeros_like(centres).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(sums)
             dist.all_reduce(counts)
         nonempty = counts > 0

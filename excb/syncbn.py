@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from excb.distributed import is_distributed
+
 
 class _AllReduceSum(torch.autograd.Function):
     """y = Σ_r x_r over ranks; the gradient w.r.t. each x_r is Σ_r ∂L/∂y_r (every rank's loss uses y)."""
@@ -37,10 +39,6 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
     return _AllReduceSum.apply(x)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class GlobalBatchNorm(_BatchNorm):
     """BatchNorm over the global batch of all ranks (2-D or 4-D input); plain BatchNorm on one rank or in eval."""
 
@@ -49,7 +47,7 @@ class GlobalBatchNorm(_BatchNorm):
             raise ValueError(f"expected 2-D to 5-D input (got {input.dim()}-D)")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and _distributed()):
+        if not (self.training and is_distributed()):
             return super().forward(input)
         c = input.shape[1]
         dims = [0, *range(2, input.dim())]

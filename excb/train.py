@@ -18,14 +18,20 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from excb.augment import MultiCropAugment
 from excb.balancing import ClusterBalancer
-from excb.checkpoint import CheckpointError, checkpoint_dir_name, list_checkpoints, load_latest, new_local_state_dir
+from excb.checkpoint import (
+    CheckpointError,
+    checkpoint_dir_name,
+    list_checkpoints,
+    load_latest,
+    new_local_state_dir,
+)
 from excb.config import ExcbConfig, from_dict, redacted_dict
 from excb.data.pipeline import load_split_arrays
+from excb.distributed import all_reduce_mean
 from excb.engine import StepStats, build_optimizer, init_prototypes_kmeans, train_step
 from excb.evaluate import evaluate_teacher
 from excb.metrics import estimate_stats
@@ -34,8 +40,8 @@ from excb.runfiles import SAMPLE_IDS_DIR, write_metrics
 from excb.scaling import plan_for
 from excb.schedules import build_schedules
 from excb.storage import configure as configure_storage
-from excb.syncbn import convert_global_batchnorm
 from excb.storage import join, write_text
+from excb.syncbn import convert_global_batchnorm
 
 
 def say(message: str) -> None:
@@ -92,13 +98,9 @@ class EpochFeed:
 
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average per-rank epoch statistics over all ranks (identity with one rank)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, all_reduce_mean(t).tolist()))
 
 
 def _write_sample_ids(run_dir: str, epoch: int, rank: int, ids: list[str]) -> None:

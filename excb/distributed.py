@@ -1,0 +1,20 @@
+"""The torch.distributed helpers every data-parallel piece shares (estimate, k-means, batch norm, epoch metrics)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over all ranks when torch.distributed is initialised; ``x`` itself otherwise."""
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
