@@ -44,7 +44,9 @@ class TrainingError(RuntimeError):
 
 def ensure_dataset(cfg: ExcbConfig) -> None:
     """Fashion-MNIST shards are prepared on first use; any other dataset must already be prepared. Object
-    storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI."""
+    storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI. A local
+    ``data.path`` is made absolute in ``cfg`` (Ray workers and Tune trials run in other directories)."""
+    cfg.data.path = absolute(cfg.data.path)
     check_reachable(cfg.data.path, "dataset")
     if shards_exist(cfg.data.path):
         return
@@ -135,7 +137,6 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
     t0 = time.time()
     configure_storage(cfg.storage)
     storage_path = absolute(storage_path)
-    cfg.data.path = absolute(cfg.data.path)  # workers run in their own directories
     check_reachable(storage_path, "storage path")
     ensure_dataset(cfg)
     init_ray(num_cpus)

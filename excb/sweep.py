@@ -119,12 +119,10 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any], experiment: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from excb.pretrain import build_trainer, ensure_dataset
-    from excb.storage import absolute
     from excb.storage import configure as configure_storage
 
     cfg = SweepSpec(**spec).base_config(trial_overrides(config))  # a bad value fails this trial only, naming the key
     configure_storage(cfg.storage)
-    cfg.data.path = absolute(cfg.data.path)
     cfg.eval.final_eval = False
     ensure_dataset(cfg)
     trial_id = tune.get_context().get_trial_id()
@@ -234,11 +232,10 @@ def run_sweep(spec: SweepSpec, storage_path: str = "runs", name: str = "sweep",
     storage_path = absolute(storage_path)
     # Trials run in their own working directories: pin the data path, and prepare the data once, here.
     cfg = spec.base_config()
-    if "://" not in cfg.data.path:
-        spec.overrides = [*spec.overrides, f"data.path={absolute(cfg.data.path)}"]
-        cfg.data.path = absolute(cfg.data.path)
     configure_storage(cfg.storage)
-    ensure_dataset(cfg)
+    ensure_dataset(cfg)  # makes a local data.path absolute
+    if "://" not in cfg.data.path:
+        spec.overrides = [*spec.overrides, f"data.path={cfg.data.path}"]
     init_ray(num_cpus)
     grid = build_tuner(spec, storage_path, name).fit()
     experiment = join(storage_path, name)
