@@ -1,12 +1,13 @@
-"""ExCB's explicit cluster balancing: a running cluster-size estimate and the operator that uses it.
+"""ExCB's explicit cluster balancing: a running cluster-size estimate and the operator that uses it, behind the
+:class:`Balancer` interface the baselines (``excb.baselines``) share.
 
 Usage::
 
     balancer = ClusterBalancer(num_clusters=1024, momentum=0.999)
-    z_teacher = teacher_similarities            # [N, K] cosines in [-1, 1]
-    p = torch.softmax(balancer.balance(z_teacher) / 0.04, dim=-1)
+    z_teacher = teacher_similarities            # [N, K] cosines in [-1, 1] of one global view
+    p = balancer.targets(z_teacher, 0.04)       # softmax(B(z) / τ_t)
     loss = ...                                  # cross-entropy against p
-    balancer.update(p)                          # after the loss: EMA of the hard-assignment histogram
+    balancer.observe(z_teacher, p)              # after the loss: EMA of the hard-assignment histogram
 """
 
 from __future__ import annotations
@@ -49,16 +50,21 @@ def assignment_histogram(p: Tensor) -> Tensor:
     return counts / max(labels.numel(), 1)
 
 
-class ClusterBalancer(nn.Module):
-    """Running relative cluster sizes ``sizes`` (a buffer, uniform at start) and the balancing operator.
+class Balancer(nn.Module):
+    """How the teacher's similarities z [N, K] of one global view become targets p [N, K], and what state that
+    keeps across steps. Every balancer also tracks ``sizes``, the EMA of the hard-assignment histogram
 
-    ``update`` implements s ← m·s + (1 − m)·mean(onehot(argmax p)), the histogram averaged across ranks
-    (all-reduce mean) when torch.distributed is initialised, so every rank holds the same estimate.
+        s ← m·s + (1 − m)·mean(onehot(argmax p))   (histogram averaged over ranks),
+
+    which ExCB uses in its operator and the others keep for the cluster-health metrics only.
+
+    The training step calls ``targets`` once per global view (no gradient), then ``observe`` once with the
+    concatenated z and p of all global views, after the loss.
     """
 
     sizes: Tensor
 
-    def __init__(self, num_clusters: int, momentum: float = 0.999, argmax_boost: float = 1.01) -> None:
+    def __init__(self, num_clusters: int, momentum: float = 0.999) -> None:
         super().__init__()
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
@@ -66,24 +72,52 @@ class ClusterBalancer(nn.Module):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_clusters = num_clusters
         self.momentum = momentum
-        self.argmax_boost = argmax_boost
         self.register_buffer("sizes", torch.full((num_clusters,), 1.0 / num_clusters))
 
+    def _check(self, t: Tensor) -> None:
+        if t.shape[-1] != self.num_clusters:
+            raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(t.shape)}")
+
+    def targets(self, z: Tensor, teacher_temp: float) -> Tensor:
+        """Teacher targets p [N, K] from similarities z [N, K] of one view."""
+        raise NotImplementedError
+
     @torch.no_grad()
-    def balance(self, z: Tensor) -> Tensor:
-        """z [N, K] cosine similarities → balanced similarities (operator B, ×boost on the argmax, clamp)."""
-        if z.shape[-1] != self.num_clusters:
-            raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(z.shape)}")
-        return balance_similarities(z, self.sizes, self.argmax_boost)
+    def observe(self, z: Tensor, p: Tensor) -> None:
+        """After the loss: update the state from this step's similarities and targets (all global views)."""
+        self.update(p)
 
     @torch.no_grad()
     def update(self, p: Tensor) -> Tensor:
         """EMA of the hard-assignment histogram of teacher probabilities ``p`` [..., K]; returns the histogram."""
-        if p.shape[-1] != self.num_clusters:
-            raise ValueError(f"expected {self.num_clusters} clusters in the last dim, got shape {tuple(p.shape)}")
+        self._check(p)
         hist = all_reduce_mean(assignment_histogram(p).to(self.sizes.device))
         self.sizes.mul_(self.momentum).add_(hist.to(self.sizes.dtype), alpha=1.0 - self.momentum)
         return hist
+
+
+class ClusterBalancer(Balancer):
+    """ExCB: running relative cluster sizes ``sizes`` (uniform at start) and the balancing operator B.
+
+    ``targets`` is p = softmax(B(z) / τ_t); ``update`` implements s ← m·s + (1 − m)·mean(onehot(argmax p)), the
+    histogram averaged across ranks (all-reduce mean) when torch.distributed is initialised, so every rank holds
+    the same estimate.
+    """
+
+    def __init__(self, num_clusters: int, momentum: float = 0.999, argmax_boost: float = 1.01) -> None:
+        super().__init__(num_clusters, momentum)
+        self.argmax_boost = argmax_boost
+
+    @torch.no_grad()
+    def balance(self, z: Tensor) -> Tensor:
+        """z [N, K] cosine similarities → balanced similarities (operator B, ×boost on the argmax, clamp)."""
+        self._check(z)
+        return balance_similarities(z, self.sizes, self.argmax_boost)
+
+    @torch.no_grad()
+    def targets(self, z: Tensor, teacher_temp: float) -> Tensor:
+        """p = softmax(B(z) / τ_t)."""
+        return torch.softmax(self.balance(z) / teacher_temp, dim=-1)
 
     def extra_repr(self) -> str:
         return f"num_clusters={self.num_clusters}, momentum={self.momentum}, argmax_boost={self.argmax_boost}"

@@ -49,6 +49,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    balancer: str = "excb"  # excb | centering (DINO) | sinkhorn (SwAV) | none — baselines for comparisons
     teacher_temp: float = 0.04
     student_temp: float = 0.1
     balance_momentum: float = 0.999
@@ -58,6 +59,9 @@ class MethodConfig:
     kmeans_init: bool = True
     kmeans_samples: int = 20000  # images whose teacher projections seed k-means (several per prototype)
     kmeans_iters: int = 50
+    center_momentum: float = 0.9  # balancer=centering: EMA momentum of DINO's centre
+    sinkhorn_epsilon: float = 0.05  # balancer=sinkhorn: SwAV's ε
+    sinkhorn_iters: int = 3  # balancer=sinkhorn: Sinkhorn-Knopp iterations
 
 
 @dataclass
@@ -177,6 +181,7 @@ class ExcbConfig:
 
 
 BACKBONES = ("convnet", "resnet18_small", "resnet50", "vit_s16")
+BALANCERS = ("excb", "centering", "sinkhorn", "none")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -294,6 +299,10 @@ def validate(cfg: ExcbConfig) -> None:
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
     _check(len(m.convnet_widths) >= 1 and all(w >= 1 for w in m.convnet_widths), "model.convnet_widths",
            "must be a non-empty list of positive widths")
+    _check(me.balancer in BALANCERS, "method.balancer", f"must be one of {BALANCERS}, got {me.balancer!r}")
+    _check(0.0 <= me.center_momentum < 1.0, "method.center_momentum", "must be in [0, 1)")
+    _check(me.sinkhorn_epsilon > 0 and me.sinkhorn_iters >= 1, "method.sinkhorn_epsilon",
+           "need sinkhorn_epsilon > 0 and sinkhorn_iters >= 1")
     _check(me.teacher_temp > 0, "method.teacher_temp", f"must be > 0, got {me.teacher_temp}")
     _check(me.student_temp > 0, "method.student_temp", f"must be > 0, got {me.student_temp}")
     _check(0.0 <= me.balance_momentum < 1.0, "method.balance_momentum", f"must be in [0, 1), got {me.balance_momentum}")

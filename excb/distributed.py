@@ -18,3 +18,16 @@ def all_reduce_mean(x: Tensor) -> Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over all ranks when torch.distributed is initialised; ``x`` itself otherwise."""
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def world_size() -> int:
+    """Number of ranks (1 without an initialised process group)."""
+    return dist.get_world_size() if is_distributed() else 1

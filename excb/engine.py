@@ -2,7 +2,8 @@
 
 Following one batch: uint8 images → multi-crop views → teacher similarities of the global views → balanced
 targets p = softmax(B(z_t)/τ_t) → student log-probabilities → loss over view pairs → optimiser step with the
-step's lr / wd → EMA teacher update → size-estimate update from argmax p.
+step's lr / wd → EMA teacher update → size-estimate update from argmax p. ``method.balancer`` swaps the
+balanced targets for a baseline's (DINO centering, SwAV Sinkhorn, none; see excb.baselines).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from excb.augment import MultiCropAugment
-from excb.balancing import ClusterBalancer
+from excb.balancing import Balancer
 from excb.config import ExcbConfig
 from excb.kmeans import spherical_kmeans
 from excb.loss import excb_loss
@@ -84,20 +85,20 @@ class StepStats:
     changed_by_balancing: float  # fraction of targets whose argmax the operator changed
 
 
-def teacher_targets(teacher: ExcbNetwork, balancer: ClusterBalancer, global_views: list[Tensor],
-                    teacher_temp: float, phase: Any = _untimed) -> tuple[list[Tensor], float]:
-    """p_i = softmax(B(z_t,i) / τ_t) for each global view; also the fraction of argmaxes B changed."""
+def teacher_targets(teacher: ExcbNetwork, balancer: Balancer, global_views: list[Tensor],
+                    teacher_temp: float, phase: Any = _untimed) -> tuple[list[Tensor], Tensor, float]:
+    """p_i = balancer.targets(z_t,i, τ_t) for each global view i (ExCB: softmax(B(z_t,i) / τ_t)); also the
+    concatenated teacher similarities z_t and the fraction of rows whose argmax the balancer changed."""
     with torch.no_grad():
         with phase("teacher"):
             z = torch.cat(teacher(global_views, num_global=len(global_views)).direct).float()
         with phase("balance"):
-            zb = balancer.balance(z)
-            p = torch.softmax(zb / teacher_temp, dim=-1)
-        changed = (z.argmax(-1) != zb.argmax(-1)).float().mean().item()
-    return list(p.chunk(len(global_views))), changed
+            targets = [balancer.targets(zi, teacher_temp) for zi in z.chunk(len(global_views))]
+        changed = (z.argmax(-1) != torch.cat(targets).argmax(-1)).float().mean().item()
+    return targets, z, changed
 
 
-def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balancer: ClusterBalancer,
+def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balancer: Balancer,
                optimizer: torch.optim.Optimizer, augment: MultiCropAugment, schedules: Schedules,
                images: Tensor, step: int, epoch: int, gen: torch.Generator,
                autocast_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None) -> StepStats:
@@ -111,7 +112,7 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
     apply_schedule(optimizer, schedules, step)
     device_type = images.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        targets, changed = teacher_targets(teacher, balancer, views[:2], cfg.method.teacher_temp, phase)
+        targets, z_teacher, changed = teacher_targets(teacher, balancer, views[:2], cfg.method.teacher_temp, phase)
         with phase("student"):
             out = student(views, num_global=2)
         with phase("loss_backward"):
@@ -129,7 +130,7 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
         ema_update(teacher, unwrap(student), float(schedules.ema_momentum[step]))
     with phase("estimate"):
         p = torch.cat(targets)
-        balancer.update(p)
+        balancer.observe(z_teacher, p)
     return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
                      unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
 

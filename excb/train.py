@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from excb.augment import MultiCropAugment
-from excb.balancing import ClusterBalancer
+from excb.balancing import Balancer
+from excb.baselines import build_balancer
 from excb.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
@@ -55,7 +56,7 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def training_state(student: nn.Module, teacher: ExcbNetwork, balancer: ClusterBalancer,
+def training_state(student: nn.Module, teacher: ExcbNetwork, balancer: Balancer,
                    optimizer: torch.optim.Optimizer, epoch: int, step: int, history: list[dict[str, Any]],
                    cfg: ExcbConfig) -> dict[str, Any]:
     """Everything a resume needs, as plain tensors, numbers and strings (loadable with weights_only=True)."""
@@ -133,7 +134,7 @@ def train_worker(config: dict[str, Any]) -> None:
         teacher = convert_global_batchnorm(teacher, device.type)
     teacher.to(device)
     student = ray.train.torch.prepare_model(student)  # moves to the device; DDP when world > 1
-    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum, cfg.method.argmax_boost).to(device)
+    balancer = build_balancer(cfg).to(device)
     optimizer = build_optimizer(cfg, student)
     schedules = build_schedules(cfg, spe, lr_scale=plan.lr_scale)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)

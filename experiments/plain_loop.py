@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from excb.augment import MultiCropAugment
-from excb.balancing import ClusterBalancer
+from excb.baselines import build_balancer
 from excb.config import load_config
 from excb.data.fashion_mnist import load_fashion_mnist
 from excb.engine import build_optimizer, init_prototypes_kmeans, train_step
@@ -48,7 +48,7 @@ def main() -> None:
     sched = build_schedules(cfg, spe)
     student, teacher = build_student_teacher(cfg)
     student.train(), teacher.train()
-    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum, cfg.method.argmax_boost)
+    balancer = build_balancer(cfg)
     opt = build_optimizer(cfg, student)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from excb.augment import MultiCropAugment  # noqa: E402
-from excb.balancing import ClusterBalancer  # noqa: E402
+from excb.baselines import build_balancer  # noqa: E402
 from excb.config import load_config  # noqa: E402
 from excb.engine import PhaseTimer, build_optimizer, train_step  # noqa: E402
 from excb.model import build_student_teacher  # noqa: E402
@@ -62,7 +62,7 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     if compile_model:
         student.backbone = torch.compile(student.backbone)
         teacher.backbone = torch.compile(teacher.backbone)
-    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum).to(device)
+    balancer = build_balancer(cfg).to(device)
     opt = build_optimizer(cfg, student)
     aug = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     sched = build_schedules(cfg, steps_per_epoch=2 * steps + 10)

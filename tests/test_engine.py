@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from excb.augment import MultiCropAugment
-from excb.balancing import ClusterBalancer
+from excb.baselines import CenteringBalancer, build_balancer
 from excb.config import load_config
 from excb.data import load_fashion_mnist
 from excb.engine import NonFiniteLossError, build_optimizer, init_prototypes_kmeans, train_step
@@ -21,7 +21,7 @@ def _setup(*overrides: str):
                              "method.kmeans_iters=5", *overrides])
     torch.manual_seed(0)
     student, teacher = build_student_teacher(cfg)
-    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum)
+    balancer = build_balancer(cfg)
     opt = build_optimizer(cfg, student)
     aug = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     sched = build_schedules(cfg, steps_per_epoch=4)
@@ -53,3 +53,17 @@ def test_non_finite_loss_stops_with_clear_error() -> None:
         student.projector[0].weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="epoch 0, step 0"):
         train_step(cfg, student, teacher, balancer, opt, aug, sched, images[:64], 0, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["centering", "sinkhorn", "none"])
+def test_baselines_train_through_the_same_step(name: str) -> None:
+    cfg, student, teacher, balancer, opt, aug, sched, images = _setup(f"method.balancer={name}")
+    gen = torch.Generator().manual_seed(0)
+    s0 = student.projector[0].weight.clone()
+    stats = [train_step(cfg, student, teacher, balancer, opt, aug, sched, images[i * 64:(i + 1) * 64], i, 0, gen)
+             for i in range(2)]
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in stats)
+    assert not torch.equal(student.projector[0].weight, s0)
+    assert not torch.allclose(balancer.sizes, torch.full((32,), 1 / 32))  # health estimate tracked for all
+    if isinstance(balancer, CenteringBalancer):
+        assert balancer.center.abs().sum() > 0
