@@ -1,4 +1,4 @@
-"""``excb prepare | pretrain | sweep | evaluate | report`` — the command line."""
+"""``excb prepare | pretrain | sweep | evaluate | export | report`` — the command line."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if "knn_top1" in summary:
         print(f"kNN top-1: {summary['knn_top1']:.2f}%  (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, "
               f"{summary['eval_train_rows']} train → {summary['eval_test_rows']} test images)")
+    if "linear_top1" in summary:
+        print(f"linear probe top-1: {summary['linear_top1']:.2f}%  ARI: {summary['ari']:.3f}  cluster accuracy: "
+              f"{summary['cluster_acc_hungarian']:.1f}% (Hungarian), {summary['cluster_acc_majority']:.1f}% (majority)")
     if "prototypes_used" in summary:
         print(f"prototypes used: {100 * summary['prototypes_used']:.1f}%  max cluster share: "
               f"{summary['max_cluster_share_x_uniform']:.2f}× uniform  NMI: {summary.get('nmi', float('nan')):.3f}")
@@ -68,12 +71,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from excb.runfiles import write_summary, read_summary
     from excb.storage import exists, join
 
-    result = evaluate_run(args.run_dir, data_path=args.data)
+    result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
+                          linear_probe=False if args.no_linear_probe else None)
     if args.write:
         summary = read_summary(args.run_dir) if exists(join(args.run_dir, "summary.json")) else {}
         summary.update(result)
         write_summary(args.run_dir, summary)
     print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from excb.checkpoint import CheckpointError
+    from excb.export import ExportError, export_run
+
+    try:
+        meta = export_run(args.run_dir, args.out)
+    except (CheckpointError, ExportError) as e:
+        print(f"excb: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=2))
     return 0
 
 
@@ -127,7 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="shard root to evaluate on (default: the run's)")
     p.add_argument("--no-write", dest="write", action="store_false", help="do not update summary.json")
+    p.add_argument("--plot", nargs="?", const="pca", default=None, choices=["pca", "tsne"],
+                   help="also draw the test features in 2-D (PCA, or t-SNE) into RUN_DIR/plots/embedding_*.png")
+    p.add_argument("--plot-points", type=int, default=5000, help="at most this many test points in the plot")
+    p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write the teacher backbone of a run's newest checkpoint as a plain state "
+                                      "dict, with export.json and a standalone features.py")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over config keys (resumes a sweep of the same name)")
     p.add_argument("--config", required=True, help="sweep YAML (see excb/sweep.py)")

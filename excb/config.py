@@ -141,6 +141,9 @@ class EvalConfig:
     epoch_knn_train: int = 10000  # per-epoch kNN on a subset (0 disables); the final evaluation uses all rows
     epoch_knn_test: int = 2000
     final_eval: bool = True
+    linear_probe: bool = True  # final evaluation: linear probe on frozen features (never per epoch)
+    linear_weight_decay: float = 1e-4  # λ of the probe's (λ/2)‖W‖² on standardised features
+    linear_max_iter: int = 100  # L-BFGS iterations of the probe
 
 
 @dataclass
@@ -351,6 +354,8 @@ def validate(cfg: ExcbConfig) -> None:
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
     _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
+    _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
+    _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "must be >= 1")
 
 
 def redacted_dict(cfg: ExcbConfig) -> dict[str, Any]:

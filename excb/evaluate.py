@@ -1,7 +1,14 @@
-"""Evaluation of a teacher network: weighted kNN on backbone features, cluster health and NMI of its
-prototype assignments."""
+"""Evaluation of a teacher network on frozen backbone features and its prototype assignments.
+
+Features: weighted kNN (DINO protocol) and a linear probe (standardised features, L-BFGS logistic regression),
+both train split → test split. Clustering of the test split's assignments argmax_k z_k vs labels: NMI, ARI,
+one-to-one (Hungarian) and majority-label cluster accuracy. Cluster health of the train split's assignments:
+prototypes used, max/min share × K, normalised entropy. Optionally a 2-D embedding plot of the test features.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -9,7 +16,16 @@ from torch import Tensor
 
 from excb.augment import MultiCropAugment
 from excb.config import ExcbConfig
-from excb.metrics import assignment_shares, knn_top1, nmi, share_stats
+from excb.metrics import (
+    ari,
+    assignment_shares,
+    cluster_acc_hungarian,
+    cluster_acc_majority,
+    knn_top1,
+    linear_probe_top1,
+    nmi,
+    share_stats,
+)
 from excb.model import ExcbNetwork
 
 
@@ -36,20 +52,48 @@ def extract_features(net: ExcbNetwork, augment: MultiCropAugment, images: Tensor
     return torch.cat(feats), torch.cat(assign)
 
 
+def _labelled(y: np.ndarray) -> bool:
+    return bool(y.size) and int(y.min()) >= 0
+
+
+def evaluate_features(train_feats: Tensor, train_assign: Tensor, train_y: np.ndarray, test_feats: Tensor,
+                      test_assign: Tensor, test_y: np.ndarray, num_prototypes: int, *, k: int = 20,
+                      temperature: float = 0.07, linear_probe: bool = True, linear_weight_decay: float = 1e-4,
+                      linear_max_iter: int = 100) -> dict[str, float]:
+    """All metrics of :func:`evaluate_teacher` from already extracted features [N, D] and assignments [N].
+
+    With labels on both splits: ``knn_top1`` and (when ``linear_probe``) ``linear_top1`` (percent, train →
+    test), and on the test split's assignments ``nmi``, ``ari`` (fractions) and ``cluster_acc_hungarian``,
+    ``cluster_acc_majority`` (percent). Always: the train split's cluster health (``prototypes_used``,
+    ``max_cluster_share_x_uniform``, ``min_cluster_share_x_uniform``, ``normalized_entropy``)."""
+    out: dict[str, float] = {}
+    if _labelled(train_y) and _labelled(test_y):
+        ytr, yte = torch.from_numpy(np.asarray(train_y)), torch.from_numpy(np.asarray(test_y))
+        out["knn_top1"] = knn_top1(train_feats, ytr, test_feats, yte, k, temperature)
+        if linear_probe:
+            out["linear_top1"] = linear_probe_top1(train_feats, ytr, test_feats, yte,
+                                                   weight_decay=linear_weight_decay, max_iter=linear_max_iter)
+        a = test_assign.numpy()
+        out["nmi"] = nmi(a, test_y)
+        out["ari"] = ari(a, test_y)
+        out["cluster_acc_hungarian"] = cluster_acc_hungarian(a, test_y)
+        out["cluster_acc_majority"] = cluster_acc_majority(a, test_y)
+    out.update(share_stats(assignment_shares(train_assign, num_prototypes)))
+    return out
+
+
 def evaluate_teacher(net: ExcbNetwork, augment: MultiCropAugment, train_x: Tensor, train_y: np.ndarray,
-                     test_x: Tensor, test_y: np.ndarray, *, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
-    """kNN top-1 (train → test), NMI of test assignments vs labels, and the health of the train split's
-    prototype assignments (prototypes used, max/min share × K, normalised entropy)."""
+                     test_x: Tensor, test_y: np.ndarray, *, k: int = 20, temperature: float = 0.07,
+                     linear_probe: bool = True, linear_weight_decay: float = 1e-4,
+                     linear_max_iter: int = 100) -> dict[str, float]:
+    """kNN top-1 and linear-probe top-1 (train → test; ``linear_probe=False`` skips the probe, e.g. per epoch),
+    NMI, ARI and Hungarian / majority-label cluster accuracy of the test assignments vs labels, and the health
+    of the train split's prototype assignments; see :func:`evaluate_features` for the keys."""
     ftr, atr = extract_features(net, augment, train_x)
     fte, ate = extract_features(net, augment, test_x)
-    num_k = net.prototypes.weight.shape[0]
-    out: dict[str, float] = {}
-    has_labels = train_y.size and test_y.size and train_y.min() >= 0 and test_y.min() >= 0
-    if has_labels:
-        out["knn_top1"] = knn_top1(ftr, torch.from_numpy(train_y), fte, torch.from_numpy(test_y), k, temperature)
-        out["nmi"] = nmi(ate.numpy(), test_y)
-    out.update(share_stats(assignment_shares(atr, num_k)))
-    return out
+    return evaluate_features(ftr, atr, train_y, fte, ate, test_y, net.prototypes.weight.shape[0], k=k,
+                             temperature=temperature, linear_probe=linear_probe,
+                             linear_weight_decay=linear_weight_decay, linear_max_iter=linear_max_iter)
 
 
 def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
@@ -63,12 +107,17 @@ def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
     return teacher, cfg
 
 
-def evaluate_run(run_dir: str, data_path: str | None = None) -> dict[str, float]:
-    """Full evaluation of a run's newest good checkpoint: kNN (all train rows → all test rows), NMI, cluster
-    health of the train split's assignments, and the size estimate's health."""
+def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None = None,
+                 plot_points: int = 5000, linear_probe: bool | None = None) -> dict[str, Any]:
+    """Full evaluation of a run's newest good checkpoint on all train and test rows: kNN, linear probe (unless
+    ``eval.linear_probe`` / ``linear_probe`` is off), NMI, ARI, cluster accuracies, cluster health of the train
+    split's assignments and the size estimate's health. ``plot`` ("pca" or "tsne") also draws at most
+    ``plot_points`` test features in 2-D, coloured by label, into RUN_DIR/plots/embedding_<method>.png (its
+    path is returned as ``embedding_plot``)."""
     from excb.checkpoint import list_checkpoints, load_latest
     from excb.data.pipeline import load_split_arrays
     from excb.metrics import estimate_stats
+    from excb.storage import join
 
     state, where = load_latest(list_checkpoints(run_dir))
     teacher, cfg = teacher_from_state(state)
@@ -78,9 +127,19 @@ def evaluate_run(run_dir: str, data_path: str | None = None) -> dict[str, float]
     test_x, test_y = load_split_arrays(path, "test", **kw)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     torch.set_num_threads(cfg.train.torch_threads or torch.get_num_threads())
-    out = evaluate_teacher(teacher, augment, torch.from_numpy(train_x), train_y, torch.from_numpy(test_x), test_y,
-                           k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    ftr, atr = extract_features(teacher, augment, torch.from_numpy(train_x))
+    fte, ate = extract_features(teacher, augment, torch.from_numpy(test_x))
+    out: dict[str, Any] = evaluate_features(
+        ftr, atr, train_y, fte, ate, test_y, teacher.prototypes.weight.shape[0], k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+        linear_probe=cfg.eval.linear_probe if linear_probe is None else linear_probe,
+        linear_weight_decay=cfg.eval.linear_weight_decay, linear_max_iter=cfg.eval.linear_max_iter)
     out.update(estimate_stats(state["balancer"]["sizes"]))
     out.update(epochs=int(state["epoch"]), steps=int(state["step"]), checkpoint=where,
                eval_train_rows=int(len(train_x)), eval_test_rows=int(len(test_x)))
+    if plot:
+        from excb.embedding import plot_embedding
+
+        out["embedding_plot"] = plot_embedding(fte, test_y, join(run_dir, "plots", f"embedding_{plot}.png"),
+                                               method=plot, max_points=plot_points, seed=cfg.train.seed)
     return out

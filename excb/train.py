@@ -200,7 +200,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if knn_data is not None:
             (trx, try_), (tex, tey) = knn_data
             ev = evaluate_teacher(teacher, augment, torch.from_numpy(trx), try_, torch.from_numpy(tex), tey,
-                                  k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+                                  k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                                  linear_probe=False)  # per epoch: kNN and clustering only
             metrics.update({f"subset_{k}": v for k, v in ev.items()})
         history.append(metrics)
         checkpoint = None
