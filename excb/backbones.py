@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.vision_transformer import VisionTransformer
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 
 class ConvNet(nn.Module):
@@ -54,11 +54,46 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
 
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: zero a residual branch for a random ``rate`` of the samples, scale the rest by
+    1/(1 − rate) (identity when not training or ``rate == 0``)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPathEncoderBlock(EncoderBlock):
+    """torchvision's ``EncoderBlock`` with stochastic depth on both residual branches (attention and MLP).
+
+    Existing blocks are switched to this class in place (:func:`set_drop_path`), so parameter names and
+    checkpoints stay those of torchvision's block."""
+
+    drop_path_rate: float = 0.0
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = input + drop_path(self.dropout(x), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path_rate, self.training)
+
+
+def set_drop_path(module: nn.Module, rate: float) -> None:
+    """Set the stochastic-depth rate of every ViT encoder block in ``module``: block i of n gets
+    ``rate · i / (n − 1)`` (DINO's linear rule: 0 for the first block, ``rate`` for the last); 0 switches it off."""
+    blocks = [m for m in module.modules() if isinstance(m, EncoderBlock)]
+    for i, block in enumerate(blocks):
+        block.__class__ = DropPathEncoderBlock
+        block.drop_path_rate = rate * i / max(len(blocks) - 1, 1)
+
+
 class ViTBackbone(nn.Module):
     """torchvision ``VisionTransformer`` (ViT-S/16: patch 16, width 384, depth 12, 6 heads) returning the class
-    token; position embeddings are interpolated so that local crops of another size can pass through."""
+    token; position embeddings are interpolated so that local crops of another size can pass through.
+    ``drop_path`` > 0 adds stochastic depth (see :func:`set_drop_path`)."""
 
-    def __init__(self, in_channels: int = 3, image_size: int = 224) -> None:
+    def __init__(self, in_channels: int = 3, image_size: int = 224, drop_path: float = 0.0) -> None:
         super().__init__()
         self.vit = VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=6,
                                      hidden_dim=384, mlp_dim=1536)
@@ -66,6 +101,8 @@ class ViTBackbone(nn.Module):
             self.vit.conv_proj = nn.Conv2d(in_channels, 384, kernel_size=16, stride=16)
         self.vit.heads = nn.Identity()
         self.out_dim = 384
+        if drop_path > 0:
+            set_drop_path(self, drop_path)
 
     def _pos_embedding(self, n_patches: int) -> Tensor:
         pos = self.vit.encoder.pos_embedding  # [1, 1 + N0, D]
@@ -88,8 +125,10 @@ class ViTBackbone(nn.Module):
 
 
 def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128),
-                   convnet_pool: int = 1, image_size: int = 224) -> nn.Module:
-    """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16."""
+                   convnet_pool: int = 1, image_size: int = 224, drop_path: float = 0.0) -> nn.Module:
+    """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16 (``drop_path``: ViT only)."""
+    if drop_path and name != "vit_s16":
+        raise ValueError(f"drop_path is implemented for vit_s16 only, not {name!r}")
     if name == "convnet":
         return ConvNet(in_channels, tuple(convnet_widths), convnet_pool)
     if name == "resnet18_small":
@@ -97,5 +136,5 @@ def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ..
     if name == "resnet50":
         return TorchvisionResNet(resnet50(), in_channels, small_stem=False)
     if name == "vit_s16":
-        return ViTBackbone(in_channels, image_size)
+        return ViTBackbone(in_channels, image_size, drop_path=drop_path)
     raise ValueError(f"unknown backbone {name!r}")

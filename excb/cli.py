@@ -1,4 +1,4 @@
-"""``excb prepare | pretrain | sweep | evaluate | export | report`` — the command line."""
+"""``excb prepare | pretrain | sweep | evaluate | export | report | bench`` — the command line."""
 
 from __future__ import annotations
 
@@ -120,6 +120,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from excb.bench import format_table, run_bench
+    from excb.config import load_config
+
+    if args.steps < 1 or args.warmup < 0:
+        print("excb bench needs --steps >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    config = args.config or _default_config()
+    cfg = load_config(config, args.overrides)  # validates before anything starts
+    argv = ["excb", "bench", *(["--config", config] if config else []), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--out", args.out,
+            *(["--storage-path", args.storage_path] if args.storage_path else []),
+            *(["--num-cpus", str(args.num_cpus)] if args.num_cpus else []), *args.overrides]
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, out=args.out, command=shlex.join(argv),
+                       storage_path=args.storage_path, num_cpus=args.num_cpus)
+    print(format_table(result))
+    print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="excb", description="ExCB self-supervised pretraining on Ray")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -140,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("evaluate", help="kNN, cluster health and NMI of a run's newest checkpoint")
+    p = sub.add_parser("evaluate", help="kNN, linear probe, NMI/ARI/cluster accuracy and cluster health of a "
+                                        "run's newest checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="shard root to evaluate on (default: the run's)")
     p.add_argument("--no-write", dest="write", action="store_false", help="do not update summary.json")
@@ -168,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, or a sweep directory (with trials.csv)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="images/s of the data pipeline, the training step (synthetic data, phase "
+                                     "breakdown), Ray Train with 1 worker and a plain PyTorch loop")
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (batches) per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each in-process measurement")
+    p.add_argument("--out", default="bench.json", help="JSON result file (written atomically)")
+    p.add_argument("--storage-path", default=None,
+                   help="keep the Ray Train run here (default: a temporary folder, deleted afterwards)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray instance")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.backbone=resnet18_small")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -23,8 +23,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # fashion_mnist | shards (any prepared Parquet shard folder/URI)
-    path: str = "data/fashion_mnist"  # shard root (local path or s3://, gs:// URI)
+    dataset: str = "fashion_mnist"  # fashion_mnist (shards prepared on first use) | any other name (data must exist)
+    path: str = "data/fashion_mnist"  # dataset root (local path or s3://, gs:// URI)
+    format: str = "shards"  # shards (Parquet, `excb prepare`) | image_folder (train/<class>/*.jpg) | webdataset (train/*.tar)
+    materialize: bool | str = "auto"  # keep the decoded train split in Ray's object store: true | false (stream:
+    #   read + decode every epoch) | auto (true when it takes under a quarter of the object store)
+    train_rows: int = 0  # streamed image_folder/webdataset: train images if known (skips counting them); 0 = count
     image_size: int = 28  # decoded size in pixels (images are resized/cropped to S×S on decode)
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     strict_decode: bool = False  # corrupt image bytes: False = skip and count, True = stop naming the row
@@ -43,6 +47,7 @@ class ModelConfig:
     predictor_hidden: int = 2048
     use_predictor: bool = True
     head_norm: str = "bn"  # bn (ResNet heads: BN + ReLU) | none (ViT heads: no BN, GELU)
+    drop_path: float = 0.0  # vit_s16 only: stochastic depth of the student (linear over depth); the teacher gets 0
     num_prototypes: int = 1024
     channels_last: bool = True
 
@@ -115,6 +120,8 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     log_every_steps: int = 50
     record_sample_ids: bool = False  # audit: write the ids each rank consumed per epoch to RUN/sample_ids/
+    compile: bool = False  # torch.compile the student and teacher backbones (in place, before DDP)
+    max_steps_per_epoch: int = 0  # cap on the steps of an epoch (0 = a full pass); benchmarks, smoke runs
 
     @property
     def min_workers(self) -> int:
@@ -184,6 +191,7 @@ class ExcbConfig:
 
 
 BACKBONES = ("convnet", "resnet18_small", "resnet50", "vit_s16")
+DATA_FORMATS = ("shards", "image_folder", "webdataset")
 BALANCERS = ("excb", "centering", "sinkhorn", "none")
 
 
@@ -193,7 +201,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):  # int | list[int]: a list takes the list form
         options = get_args(hint)
         want_list = isinstance(value, (list, tuple))
-        chosen = next((h for h in options if (get_origin(h) is list) == want_list), options[0])
+        chosen = next((h for h in options if isinstance(h, type) and type(value) is h), None)  # bool | str
+        if chosen is None:
+            chosen = next((h for h in options if (get_origin(h) is list) == want_list), options[0])
         return _coerce(value, chosen, key)
     if origin is dict:
         _kt, vt = get_args(hint)
@@ -292,12 +302,19 @@ def validate(cfg: ExcbConfig) -> None:
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     _check(d.limit >= 0, "data.limit", "must be >= 0")
+    _check(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
+    _check(d.materialize in (True, False, "auto"), "data.materialize", f"must be true, false or auto, got {d.materialize!r}")
+    _check(d.train_rows >= 0, "data.train_rows", "must be >= 0 (0 = count)")
+    _check(d.dataset != "fashion_mnist" or d.format == "shards", "data.format",
+           "fashion_mnist is prepared as shards: use data.format=shards (or name the dataset differently)")
     _check(len(d.mean) == d.channels, "data.mean", f"needs {d.channels} values")
     _check(len(d.std) == d.channels and all(s > 0 for s in d.std), "data.std", f"needs {d.channels} positive values")
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}")
     _check(m.convnet_pool >= 1, "model.convnet_pool", f"must be >= 1, got {m.convnet_pool}")
     _check(m.num_prototypes >= 2, "model.num_prototypes", f"must be >= 2, got {m.num_prototypes}")
     _check(m.head_norm in ("bn", "none"), "model.head_norm", "must be bn or none")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+    _check(m.drop_path == 0.0 or m.backbone == "vit_s16", "model.drop_path", "only the vit_s16 backbone has drop-path")
     for key in ("projector_hidden", "projector_out", "predictor_hidden"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
     _check(len(m.convnet_widths) >= 1 and all(w >= 1 for w in m.convnet_widths), "model.convnet_widths",
@@ -353,6 +370,7 @@ def validate(cfg: ExcbConfig) -> None:
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
     _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
+    _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = a full pass)")
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
     _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "must be >= 1")

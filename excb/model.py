@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from excb.backbones import build_backbone
+from excb.backbones import build_backbone, set_drop_path
 from excb.config import ExcbConfig
 
 
@@ -75,7 +75,7 @@ class ExcbNetwork(nn.Module):
         m = cfg.model
         self.backbone = build_backbone(m.backbone, cfg.data.channels, convnet_widths=tuple(m.convnet_widths),
                                        convnet_pool=m.convnet_pool,
-                                       image_size=cfg.augment.global_size)
+                                       image_size=cfg.augment.global_size, drop_path=m.drop_path)
         self.projector = mlp(self.backbone.out_dim, m.projector_hidden, m.projector_out, 3, m.head_norm)
         self.predictor: nn.Module | None = None
         if m.use_predictor:
@@ -112,10 +112,12 @@ class ExcbNetwork(nn.Module):
 
 
 def build_student_teacher(cfg: ExcbConfig) -> tuple[ExcbNetwork, ExcbNetwork]:
-    """The student and a teacher copy without the predictor, whose parameters get no gradients."""
+    """The student and a teacher copy without the predictor (nor drop-path), whose parameters get no gradients."""
     student = ExcbNetwork(cfg)
     teacher = copy.deepcopy(student)
     teacher.predictor = None
+    if cfg.model.drop_path > 0:
+        set_drop_path(teacher.backbone, 0.0)  # stochastic depth is for the student only
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
@@ -131,6 +133,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         s_list.append(s_params[name].detach())
     torch._foreach_mul_(t_list, momentum)
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+def compile_backbones(*nets: ExcbNetwork) -> None:
+    """``torch.compile`` each network's backbone in place (``nn.Module.compile``): parameter names, state dicts,
+    the EMA update and checkpoints are unchanged. Call it before DDP wraps the student (``prepare_model``), as
+    PyTorch advises (compile the inner module, not the DDP wrapper). Heads, loss and balancing stay eager."""
+    for net in nets:
+        net.backbone.compile()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ The run's identity is ``storage_path/name``: relaunching the same pair resumes f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,8 +19,9 @@ from ray.train.torch import TorchTrainer
 from excb.checkpoint import list_checkpoints
 from excb.config import ExcbConfig, dump_yaml
 from excb.data.errors import DatasetNotFoundError
-from excb.data.pipeline import decoded_split
-from excb.data.shards import prepare_fashion_mnist, shards_exist, verify_shards
+from excb.data.formats import require_split
+from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
+from excb.data.shards import prepare_fashion_mnist, shards_exist
 from excb.engine import NonFiniteLossError
 from excb.evaluate import evaluate_run
 from excb.runfiles import CONFIG_FILE, read_metrics, write_summary
@@ -43,11 +45,23 @@ class TrainingError(RuntimeError):
 
 
 def ensure_dataset(cfg: ExcbConfig) -> None:
-    """Fashion-MNIST shards are prepared on first use; any other dataset must already be prepared. Object
-    storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI. A local
-    ``data.path`` is made absolute in ``cfg`` (Ray workers and Tune trials run in other directories)."""
+    """Fashion-MNIST shards are prepared on first use; any other dataset must already exist (prepared shards, or
+    an image folder / WebDataset tars for ``data.format`` image_folder / webdataset, checked with one listing).
+    Object storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI.
+    When the run evaluates with kNN (per epoch or at the end), the test split (``val/`` or ``test/``) must exist
+    too. A local ``data.path`` is made absolute in ``cfg`` (Ray workers and Tune trials run in other
+    directories)."""
     cfg.data.path = absolute(cfg.data.path)
     check_reachable(cfg.data.path, "dataset")
+    if cfg.data.format != "shards":
+        require_split(cfg.data.path, "train", cfg.data.format)
+        if cfg.eval.epoch_knn_train > 0 or cfg.eval.final_eval:
+            try:
+                require_split(cfg.data.path, "test", cfg.data.format)
+            except DatasetNotFoundError as e:
+                raise DatasetNotFoundError(f"{e}; the kNN evaluation needs it (or set eval.epoch_knn_train=0 "
+                                           "eval.final_eval=false)") from None
+        return
     if shards_exist(cfg.data.path):
         return
     if cfg.data.dataset == "fashion_mnist":
@@ -98,19 +112,50 @@ def _scaling_config(cfg: ExcbConfig) -> ray.train.ScalingConfig:
                                    elastic_resize_monitor_interval_s=t.elastic_resize_interval_s)
 
 
-def build_trainer(cfg: ExcbConfig, storage_path: str, name: str,
-                  callbacks: list[Any] | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
-    """Data (decoded once, materialised in the object store, block order shuffled per pass) and the trainer.
+def should_materialize(cfg: ExcbConfig, rows: int) -> bool:
+    """``data.materialize``; ``auto``: keep the decoded train split in the object store when it takes at most a
+    quarter of it (Fashion-MNIST: 47 MB), stream it otherwise (ImageNet at 256 px: ~250 GB)."""
+    d = cfg.data
+    if d.materialize != "auto":
+        return bool(d.materialize)
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    return rows * d.channels * d.image_size ** 2 <= store / 4
+
+
+def training_dataset(cfg: ExcbConfig) -> DecodedSplit:
+    """The train split exactly as the trainer gets it (``dataset``), with its row and corrupt-image counts.
+    ``excb bench`` times it alone.
+
+    Materialised: decoded once into the object store, block order shuffled per pass. Streamed (big data, see
+    :func:`should_materialize`): read and decoded in Ray Data's CPU tasks on every pass, file order shuffled per
+    pass; the row count comes before decoding (:func:`excb.data.pipeline.count_split_rows`, or
+    ``data.train_rows``), and corrupt images are dropped on the fly: up to ``rows mod global batch`` of them fit
+    in an epoch's slack, more stop the epoch with "data shard ran out" (use ``data.strict_decode`` to find them)."""
+    d = cfg.data
+    limit = d.limit or None
+    rows = count_split_rows(d.path, "train", d.format, known=d.train_rows, retries=cfg.storage.read_retries)
+    rows = min(rows, limit) if limit else rows
+    if not should_materialize(cfg, rows):
+        print(f"[excb] streaming the train split ({rows} images, data.format={d.format}): read and decoded "
+              "every epoch", flush=True)
+        return decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels, strict=d.strict_decode,
+                             limit=limit, fmt=d.format, materialize=False, rows=rows, shuffle_seed=cfg.train.seed)
+    decoded = decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels,
+                            strict=d.strict_decode, limit=limit, fmt=d.format)
+    if decoded.corrupt:
+        print(f"[excb] skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})", flush=True)
+    return dataclasses.replace(decoded, dataset=decoded.dataset.randomize_block_order())
+
+
+def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list[Any] | None = None,
+                  data: DecodedSplit | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
+    """The trainer over :func:`training_dataset` (or ``data``, already built from the same config).
 
     ``storage_path`` may be local or an s3:// / gs:// URI; Ray Train persists checkpoints there through the
     same pyarrow filesystem the rest of the run uses.
     """
     t = cfg.train
-    verify_shards(cfg.data.path, "train", retries=cfg.storage.read_retries)
-    decoded = decoded_split(cfg.data.path, "train", image_size=cfg.data.image_size, channels=cfg.data.channels,
-                            strict=cfg.data.strict_decode, limit=cfg.data.limit or None)
-    if decoded.corrupt:
-        print(f"[excb] skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})", flush=True)
+    decoded = data if data is not None else training_dataset(cfg)
     plan = plan_for(cfg, t.max_workers, decoded.rows)  # raises early when the data is smaller than one batch
     run_dir = join(storage_path, name)
     fs = ray_filesystem(storage_path)
@@ -124,7 +169,7 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks),
-        datasets={"train": decoded.dataset.randomize_block_order()},
+        datasets={"train": decoded.dataset},
     )
     info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,
             "steps_per_epoch": plan.steps_per_epoch, "run_dir": run_dir}

@@ -36,7 +36,7 @@ from excb.distributed import all_reduce_mean
 from excb.engine import StepStats, build_optimizer, init_prototypes_kmeans, train_step
 from excb.evaluate import evaluate_teacher
 from excb.metrics import estimate_stats
-from excb.model import ExcbNetwork, build_student_teacher, unwrap
+from excb.model import ExcbNetwork, build_student_teacher, compile_backbones, unwrap
 from excb.runfiles import SAMPLE_IDS_DIR, write_metrics
 from excb.scaling import plan_for
 from excb.schedules import build_schedules
@@ -49,6 +49,13 @@ def say(message: str) -> None:
     """One progress line on the worker's real stdout, which Ray forwards to the driver once (Ray Train's patched
     ``print`` would also copy it through its logger, so every line would show twice)."""
     print(message, file=sys.__stdout__, flush=True)
+
+
+def set_torch_threads(cfg: ExcbConfig) -> int:
+    """Intra-op threads of a training process: ``train.torch_threads``, or every core of the machine."""
+    threads = cfg.train.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _seed_everything(seed: int) -> None:
@@ -70,13 +77,14 @@ class EpochFeed:
 
     The order is Ray Data's block order for this pass (randomised per pass) refined by a local shuffle buffer
     seeded with ``seed``; ``wait_seconds`` is the time spent waiting for the next batch (not hidden by prefetch),
-    and ``ids`` (when recording) the sample ids consumed, in order.
+    ``first_wait_seconds`` the part of it spent on the first batch (the pass's start-up), and ``ids`` (when
+    recording) the sample ids consumed, in order.
     """
 
     def __init__(self, shard: Any, batch_size: int, steps: int, device: torch.device, seed: int,
                  record_ids: bool = False) -> None:
         self.shard, self.batch_size, self.steps, self.device, self.seed = shard, batch_size, steps, device, seed
-        self.wait_seconds = 0.0
+        self.wait_seconds = self.first_wait_seconds = 0.0
         self.ids: list[str] | None = [] if record_ids else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -91,7 +99,10 @@ class EpochFeed:
                 raise RuntimeError(f"data shard ran out after {n} of {self.steps} steps; every rank needs the "
                                    "same step count") from None
             images = torch.from_numpy(batch["image"]).to(self.device, non_blocking=True)
-            self.wait_seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.wait_seconds += waited
+            if n == 0:
+                self.first_wait_seconds = waited
             if self.ids is not None and "id" in batch:
                 self.ids.extend(str(i) for i in batch["id"])
             yield images
@@ -124,7 +135,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = plan_for(cfg, world, int(config["train_rows"]))
     spe = plan.steps_per_epoch
-    torch.set_num_threads(cfg.train.torch_threads or os.cpu_count() or 1)
+    set_torch_threads(cfg)
     _seed_everything(cfg.train.seed)
     device = ray.train.torch.get_device()
     autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None  # None: fp32
@@ -132,6 +143,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if world > 1:  # batch statistics over the global batch, for the student and the teacher alike
         student = convert_global_batchnorm(student, device.type)
         teacher = convert_global_batchnorm(teacher, device.type)
+    if cfg.train.compile:  # in place and before prepare_model: DDP wraps the compiled module
+        compile_backbones(student, teacher)
     teacher.to(device)
     student = ray.train.torch.prepare_model(student)  # moves to the device; DDP when world > 1
     balancer = build_balancer(cfg).to(device)
@@ -193,7 +206,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if feed.ids is not None:
             _write_sample_ids(run_dir, epoch + 1, rank, feed.ids)
         metrics = _mean_over_ranks({**{k: v / spe for k, v in sums.items()},
-                                    "data_wait_fraction": feed.wait_seconds / seconds}, device)
+                                    "data_wait_fraction": feed.wait_seconds / seconds,
+                                    "first_batch_seconds": feed.first_wait_seconds}, device)
         metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]), workers=world,
                        global_batch=plan.global_batch, steps_per_epoch=spe, epoch_seconds=seconds,
                        images_per_second=spe * plan.global_batch / seconds, **estimate_stats(balancer.sizes.cpu()))

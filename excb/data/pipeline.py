@@ -1,26 +1,29 @@
-"""Ray Data and single-process readers for prepared shard datasets."""
+"""Ray Data and single-process readers: prepared shards, image folders and WebDataset tars
+(:mod:`excb.data.formats`), decoded into the columns the trainer consumes (``id``, ``image`` uint8 [C, S, S],
+``label``)."""
 
 from __future__ import annotations
 
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from excb.data import formats
 from excb.data.decode import decode_batch
 from excb.data.errors import CorruptImageError, DatasetNotFoundError
-from excb.data.shards import list_shards, resolve_fs
+from excb.data.shards import list_shards, resolve_fs, verify_shards
 from excb.storage import ray_filesystem
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DecodedSplit", "decoded_split", "load_split_arrays", "read_split"]
+__all__ = ["DecodedSplit", "count_split_rows", "decoded_split", "load_split_arrays", "read_split"]
 
 _MAX_CORRUPT_IDS = 10
 _DECODE_BATCH_SIZE = 1024
@@ -45,10 +48,11 @@ def _require_shards(uri: str, split: str) -> list[str]:
     return shards
 
 
-def read_split(uri: str, split: str) -> ray.data.Dataset:
+def read_split(uri: str, split: str, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """Lazily read the Parquet shards of ``split`` as a :class:`ray.data.Dataset`.
 
     For URIs, Ray's tasks get :func:`excb.storage.ray_filesystem` (the configured endpoint and credentials).
+    ``shuffle_seed`` shuffles the order of the shard files, anew on every execution.
 
     Raises:
         DatasetNotFoundError: the split folder is missing or has no shards.
@@ -56,19 +60,62 @@ def read_split(uri: str, split: str) -> ray.data.Dataset:
     import ray.data
 
     _require_shards(uri, split)
+    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     return ray.data.read_parquet(
-        _split_uri(uri, split), file_extensions=["parquet"], filesystem=ray_filesystem(uri)
+        _split_uri(uri, split), file_extensions=["parquet"], filesystem=ray_filesystem(uri), shuffle=shuffle
     )
 
 
 @dataclass
 class DecodedSplit:
-    """A decoded, materialized split (columns ``image`` and ``label``) plus decode stats."""
+    """A decoded split (columns ``id``, ``image`` and ``label``) plus decode stats: materialized (``streamed``
+    False; ``rows`` and ``corrupt`` counted after decoding) or lazy (``streamed`` True: read and decoded again on
+    every pass; ``rows`` counted before decoding, corrupt rows dropped on the fly and not counted)."""
 
     dataset: ray.data.Dataset
     rows: int
     corrupt: int
     corrupt_ids: list[str] = field(default_factory=list)
+    streamed: bool = False
+
+
+def _decode_clean(batch: dict[str, np.ndarray], *, decode: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+    """``decode`` a batch and keep only the rows that decoded (no ``ok`` column): the streaming path."""
+    out = decode(batch, **kwargs)
+    keep = out.pop("ok")
+    return out if keep.all() else {k: v[keep] for k, v in out.items()}
+
+
+def _raw_split(uri: str, split: str, fmt: str, limit: int | None,
+               shuffle_seed: int | None) -> tuple[ray.data.Dataset, Any, dict[str, Any]]:
+    """The undecoded Ray dataset of a split (first ``limit`` rows), its decode function and extra kwargs."""
+    if fmt == "shards":
+        ds = read_split(uri, split, shuffle_seed=None if limit else shuffle_seed)
+        return (ds.limit(limit) if limit else ds), decode_batch, {}
+    if fmt == "image_folder":
+        listing = None
+        if limit:  # exactly the first `limit` files of the class-interleaved listing
+            listing = formats.list_image_folder(uri, split)
+            listing.items = listing.items[:limit]
+        ds, kwargs = formats.read_image_folder(uri, split, shuffle_seed=None if limit else shuffle_seed,
+                                               listing=listing)
+        return ds, formats.decode_folder_batch, kwargs
+    if fmt == "webdataset":
+        ds = formats.read_webdataset(uri, split, shuffle_seed=None if limit else shuffle_seed)
+        return (ds.limit(limit) if limit else ds), formats.decode_webdataset_batch, {}
+    raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(formats.FORMATS)})")
+
+
+def count_split_rows(uri: str, split: str, fmt: str = "shards", *, known: int = 0, retries: int = 3) -> int:
+    """Rows of a split before decoding, cheaply: Parquet footers (shards), one recursive listing (image folder),
+    ``known`` if > 0 (image folder, webdataset), else one Ray Data pass over every tar (webdataset)."""
+    if fmt == "shards":
+        return verify_shards(uri, split, retries=retries)
+    if known > 0:
+        return known
+    if fmt == "image_folder":
+        return len(formats.list_image_folder(uri, split).items)
+    return formats.count_webdataset_samples(uri, split)
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:
@@ -111,8 +158,13 @@ def decoded_split(
     strict: bool = False,
     limit: int | None = None,
     batch_size: int = _DECODE_BATCH_SIZE,
+    fmt: str = "shards",
+    materialize: bool = True,
+    rows: int | None = None,
+    shuffle_seed: int | None = None,
 ) -> DecodedSplit:
-    """Read, decode once and materialize a split for reuse across epochs.
+    """Read, decode once and materialize a split for reuse across epochs (or, with ``materialize=False``,
+    return the lazy read + decode pipeline that runs again on every pass).
 
     Rows whose image does not decode are dropped (or, with ``strict=True``,
     :class:`~excb.data.errors.CorruptImageError` naming the row id is raised,
@@ -121,18 +173,30 @@ def decoded_split(
     and ``label`` (int64, -1 for unlabelled data).
 
     Args:
-        limit: read only the first ``limit`` rows.
+        limit: read only the first ``limit`` rows (image folders: of the class-interleaved listing).
+        fmt: ``shards``, ``image_folder`` or ``webdataset`` (see :mod:`excb.data.formats`).
+        materialize: False streams: decoding happens in Ray Data's CPU tasks on every pass.
+        rows: streaming only: the split's row count (default: :func:`count_split_rows`, capped at ``limit``).
+        shuffle_seed: shuffle the file order, anew on every pass (streaming without ``limit``; materialized
+            datasets are shuffled by block order instead).
 
     Returns:
         :class:`DecodedSplit` with ``rows`` = rows kept, ``corrupt`` = rows
         dropped and ``corrupt_ids`` = the first few dropped ids.
     """
-    ds = read_split(uri, split)
-    if limit is not None:
-        ds = ds.limit(limit)
+    fn_kwargs = {"image_size": image_size, "channels": channels, "strict": strict}
+    if not materialize:
+        if rows is None:
+            rows = count_split_rows(uri, split, fmt)
+            rows = min(rows, limit) if limit else rows
+        ds, decode, extra = _raw_split(uri, split, fmt, limit, shuffle_seed)
+        streamed = ds.map_batches(_decode_clean, fn_kwargs={"decode": decode, **extra, **fn_kwargs},
+                                  batch_format="numpy", batch_size=batch_size)
+        return DecodedSplit(dataset=streamed, rows=rows, corrupt=0, streamed=True)
+    ds, decode, extra = _raw_split(uri, split, fmt, limit, None)
     decoded = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": image_size, "channels": channels, "strict": strict},
+        decode,
+        fn_kwargs={**extra, **fn_kwargs},
         batch_format="numpy",
         batch_size=batch_size,
     )
@@ -170,16 +234,24 @@ def load_split_arrays(
     image_size: int,
     channels: int,
     limit: int | None = None,
+    fmt: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode a split in this process (no Ray), e.g. for evaluation.
 
-    Rows are taken in a deterministic order (shard file name, then row);
-    ``limit`` keeps the first ``limit`` rows; undecodable rows are skipped.
+    Rows are taken in a deterministic order (shards: shard file name, then row; image folders: classes
+    interleaved; tars: file name, then member order); ``limit`` keeps the first ``limit`` rows; undecodable rows
+    are skipped. ``fmt`` (shards | image_folder | webdataset) defaults to what is found at ``uri``
+    (:func:`excb.data.formats.detect_format`), so evaluation needs no format argument.
 
     Returns:
         ``(images uint8 [N, C, S, S], labels int64 [N])``; labels are -1 for
         unlabelled splits.
     """
+    fmt = fmt or formats.detect_format(uri, split)
+    if fmt == "image_folder":
+        return formats.load_folder_arrays(uri, split, image_size=image_size, channels=channels, limit=limit)
+    if fmt == "webdataset":
+        return formats.load_webdataset_arrays(uri, split, image_size=image_size, channels=channels, limit=limit)
     shards = _require_shards(uri, split)
     fs, _root = resolve_fs(uri)
     dataset = pads.dataset(shards, filesystem=fs, format="parquet")
