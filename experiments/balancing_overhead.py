@@ -1,0 +1,67 @@
+"""How much of a training step ExCB's balancing costs: the operator B with the target softmax ("balance" phase)
+plus the size-estimate update ("estimate" phase), as a share of the whole step (excb.engine.train_step with its
+PhaseTimer), for the ConvNet, ResNet-18 and ResNet-50 at their default sizes and K from 1k to 64k.
+
+    .venv/bin/python experiments/balancing_overhead.py [--out experiments/results/balancing_overhead_cpu.json]
+
+Default sizes: ConvNet and ResNet-18 (small stem) on Fashion-MNIST-sized images with the shipped recipe's crops
+(2×28 + 4×12); ResNet-50 at 224 px with 2×224 + 6×96 crops. On a CPU the batch is cut for the ResNets (64 and 8)
+to keep the run short: both the balancing and the rest of the step scale linearly with the batch, so the share
+does not depend on it. The softmax is counted with the balancing, so the share is an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from benchlib import machine  # noqa: E402
+from step_profile import FASHION, RESNET50_224, profile  # noqa: E402
+
+KS = (1024, 4096, 16384, 65536)
+
+
+def settings(cpu: bool) -> dict[str, tuple[list[str], int]]:
+    """name → (config overrides, timed steps)."""
+    r50 = [*RESNET50_224, f"train.batch_size={8 if cpu else 128}"] + (["train.precision=fp32"] if cpu else [])
+    out: dict[str, tuple[list[str], int]] = {}
+    for k in KS:
+        out[f"convnet-K{k}"] = ([*FASHION, f"model.num_prototypes={k}"], 10)
+        out[f"resnet18_small-K{k}"] = ([*FASHION, "model.backbone=resnet18_small",
+                                        f"train.batch_size={64 if cpu else 256}", f"model.num_prototypes={k}"], 3)
+        out[f"resnet50-K{k}"] = ([*r50, f"model.num_prototypes={k}"], 2 if cpu else 10)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "balancing_overhead_cpu.json"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name, (spec, steps) in settings(device.type == "cpu").items():
+        r = profile(name, spec, steps, device, compile_model=False)
+        rows.append(r)
+        print(f"{name}: {r['ms_per_step']:.0f} ms/step, balance {r['phase_ms'].get('balance', 0):.2f} ms + estimate "
+              f"{r['phase_ms'].get('estimate', 0):.2f} ms = {100 * r['balancing_share']:.2f} % of the step", flush=True)
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv), "rows": rows}, indent=1))
+        tmp.replace(args.out)
+    print("| backbone | K | batch | crops | ms/step | balance (B + softmax) ms | estimate ms | share of step |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['setting'].rsplit('-K', 1)[0]} | {r['num_prototypes']} | {r['batch']} | {r['crops']} | "
+              f"{r['ms_per_step']:.0f} | {r['phase_ms'].get('balance', 0):.2f} | {r['phase_ms'].get('estimate', 0):.2f} | "
+              f"{100 * r['balancing_share']:.2f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
