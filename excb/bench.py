@@ -37,7 +37,7 @@ from excb.augment import MultiCropAugment
 from excb.balancing import Balancer
 from excb.baselines import build_balancer
 from excb.config import ExcbConfig, from_dict, redacted_dict
-from excb.engine import PhaseTimer, StepStats, build_optimizer, train_step
+from excb.engine import PhaseTimer, StepStats, autocast_dtype_for, build_optimizer, train_step
 from excb.model import ExcbNetwork, build_student_teacher, compile_backbones
 from excb.schedules import Schedules, build_schedules
 
@@ -114,7 +114,7 @@ def build_rig(cfg: ExcbConfig, device: torch.device, total_steps: int) -> StepRi
                    augment=MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std),
                    schedules=build_schedules(cfg, max(1, total_steps)),
                    gen=torch.Generator().manual_seed(cfg.train.seed),
-                   autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None)
+                   autocast_dtype=autocast_dtype_for(cfg.train.precision, device))
 
 
 def measure_data(dataset: Any, rows: int, batch: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:

@@ -114,7 +114,8 @@ class TrainConfig:
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per worker
     elastic_resize_interval_s: float = 60.0  # elastic runs: how often Ray Train considers growing the group
     torch_threads: int = 0  # 0 = all cores of the machine
-    precision: str = "fp32"  # fp32 | bf16 (autocast for the forward passes; optimiser state stays fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for the forward passes; optimiser state stays fp32) | auto
+    #   (bf16 on accelerators that support it, fp32 elsewhere)
     seed: int = 0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
@@ -366,7 +367,8 @@ def validate(cfg: ExcbConfig) -> None:
     _check(bool(st.access_key_id) == bool(st.secret_access_key), "storage.access_key_id",
            "give both access_key_id and secret_access_key, or neither (then the environment is used)")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
-    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
+    _check(t.precision in ("fp32", "bf16", "auto"), "train.precision",
+           f"must be fp32, bf16 or auto, got {t.precision!r}")
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
     _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")

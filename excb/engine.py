@@ -27,6 +27,16 @@ from excb.model import ExcbNetwork, ema_update, parameter_groups, unwrap
 from excb.schedules import Schedules
 
 
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``: bf16, None (fp32), or for ``auto`` bf16 where the
+    device supports it (CUDA with bf16 support) and fp32 elsewhere (CPU autocast is slower than fp32 here)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
 

@@ -33,7 +33,7 @@ from excb.checkpoint import (
 from excb.config import ExcbConfig, from_dict, redacted_dict
 from excb.data.pipeline import load_split_arrays
 from excb.distributed import all_reduce_mean
-from excb.engine import StepStats, build_optimizer, init_prototypes_kmeans, train_step
+from excb.engine import StepStats, autocast_dtype_for, build_optimizer, init_prototypes_kmeans, train_step
 from excb.evaluate import evaluate_teacher
 from excb.metrics import estimate_stats
 from excb.model import ExcbNetwork, build_student_teacher, compile_backbones, unwrap
@@ -98,7 +98,10 @@ class EpochFeed:
             except StopIteration:
                 raise RuntimeError(f"data shard ran out after {n} of {self.steps} steps; every rank needs the "
                                    "same step count") from None
-            images = torch.from_numpy(batch["image"]).to(self.device, non_blocking=True)
+            images = torch.from_numpy(batch["image"])
+            if self.device.type == "cuda":  # page-locked, so the copy overlaps with the running step
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
             waited = time.perf_counter() - t0
             self.wait_seconds += waited
             if n == 0:
@@ -138,7 +141,7 @@ def train_worker(config: dict[str, Any]) -> None:
     set_torch_threads(cfg)
     _seed_everything(cfg.train.seed)
     device = ray.train.torch.get_device()
-    autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None  # None: fp32
+    autocast_dtype = autocast_dtype_for(cfg.train.precision, device)  # None: fp32
     student, teacher = build_student_teacher(cfg)
     if world > 1:  # batch statistics over the global batch, for the student and the teacher alike
         student = convert_global_batchnorm(student, device.type)

@@ -67,3 +67,18 @@ def test_baselines_train_through_the_same_step(name: str) -> None:
     assert not torch.allclose(balancer.sizes, torch.full((32,), 1 / 32))  # health estimate tracked for all
     if isinstance(balancer, CenteringBalancer):
         assert balancer.center.abs().sum() > 0
+
+
+def test_precision_auto_is_bf16_only_where_the_device_supports_it() -> None:
+    from excb.engine import autocast_dtype_for
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype_for("fp32", cpu) is None
+    assert autocast_dtype_for("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype_for("auto", cpu) is None  # CPU: fp32
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        assert autocast_dtype_for("auto", torch.device("cuda")) is expected
+    assert load_config(None, ["train.precision=auto"]).train.precision == "auto"
+    with pytest.raises(Exception, match="train.precision"):
+        load_config(None, ["train.precision=fp16"])
