@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 from torch import Tensor
@@ -53,7 +52,7 @@ def plot_embedding(features: Tensor | np.ndarray, labels: np.ndarray, uri: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from excb.storage import atomic_write_bytes, resolve_fs
+    from excb.report import save_figure
 
     labels = np.asarray(labels)
     idx = subsample(len(labels), max_points, seed)
@@ -73,9 +72,4 @@ def plot_embedding(features: Tensor | np.ndarray, labels: np.ndarray, uri: str, 
     ax.set_title(title or f"{_TITLES[method]} of {len(idx)} test features")
     ax.set_xticks([])
     ax.set_yticks([])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    fs, path = resolve_fs(uri)
-    atomic_write_bytes(fs, path, buf.getvalue())
-    return uri
+    return save_figure(fig, uri, integer_x=False)

@@ -15,7 +15,9 @@ from excb.runfiles import read_metrics  # noqa: E402
 from excb.storage import atomic_write_bytes, exists, join, read_text, resolve_fs  # noqa: E402
 
 
-def _save(fig: Any, uri: str, integer_x: bool = True) -> str:
+def save_figure(fig: Any, uri: str, integer_x: bool = True) -> str:
+    """Write ``fig`` as PNG to ``uri`` (local or object storage) atomically and close it; ``integer_x``: epoch
+    axes get integer ticks."""
     if integer_x:  # epochs
         for ax in fig.axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -44,7 +46,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     ax.plot(*_series(history, "loss"), marker="o")
     ax.set(xlabel="epoch", ylabel="loss", title="ExCB loss")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, join(out, "loss.png")))
+    written.append(save_figure(fig, join(out, "loss.png")))
 
     epochs, knn = _series(history, "subset_knn_top1")
     if knn:
@@ -52,7 +54,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         ax.plot(epochs, knn, marker="o", color="tab:green")
         ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1 (per-epoch subset)")
         ax.grid(alpha=0.3)
-        written.append(_save(fig, join(out, "knn.png")))
+        written.append(save_figure(fig, join(out, "knn.png")))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for key, label in (("estimate_max_cluster_share_x_uniform", "max share × K (estimate)"),
@@ -75,7 +77,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     a2.set(xlabel="epoch", ylim=(0, 1.05), title="cluster health")
     a2.legend(fontsize=7)
     a2.grid(alpha=0.3)
-    written.append(_save(fig, join(out, "clusters.png")))
+    written.append(save_figure(fig, join(out, "clusters.png")))
     return written
 
 
@@ -121,7 +123,7 @@ def plot_sweep(sweep_dir: str, out_dir: str | None = None) -> list[str]:
         ax.set(xlabel=key, ylabel=f"best {metric}", title=f"{metric} vs {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        written.append(_save(fig, join(out, f"metric_vs_{key}.png"), integer_x=False))
+        written.append(save_figure(fig, join(out, f"metric_vs_{key}.png"), integer_x=False))
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in trials:
         run = join(sweep_dir, "runs", t["trial_id"])
@@ -134,6 +136,6 @@ def plot_sweep(sweep_dir: str, out_dir: str | None = None) -> list[str]:
     ax.set(xlabel="epoch", ylabel=metric, title="learning curves of all trials")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    written.append(_save(fig, join(out, "learning_curves.png")))
+    written.append(save_figure(fig, join(out, "learning_curves.png")))
     return written
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -43,19 +43,13 @@ def ray_session(_ray_teardown: None) -> None:
         ray.init(num_cpus=2, logging_level=logging.WARNING)  # the dashboard serves the State API Train needs
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _moto_server(**env: str) -> Iterator[str]:
     """Run the real ``moto_server`` executable (next to this Python) on a free port; yields its URL."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.is_file():
         pytest.skip(f"{exe} not installed (pip install 'moto[server]')")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,12 +10,7 @@ import torch.multiprocessing as mp
 
 from excb.balancing import ClusterBalancer
 from excb.kmeans import spherical_kmeans
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from netutil import free_port
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -37,7 +31,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_all_ranks_hold_the_same_estimate(tmp_path) -> None:
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     r0 = torch.load(tmp_path / "0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "1.pt", weights_only=True)
     torch.testing.assert_close(r0["sizes"], r1["sizes"], atol=0, rtol=0)

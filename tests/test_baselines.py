@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from excb.balancing import ClusterBalancer
 from excb.baselines import CenteringBalancer, NoBalancer, SinkhornBalancer, build_balancer, sinkhorn_knopp
 from excb.config import ConfigError, load_config
+from netutil import free_port
 
 
 def _z(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -112,12 +112,6 @@ def test_build_balancer_follows_the_config() -> None:
         load_config(None, ["method.sinkhorn_epsilon=0"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -132,7 +126,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_sinkhorn_and_centering_over_two_ranks_equal_one_process_on_the_global_batch(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(2)]
     z = _z(48, 6, seed=7)
     torch.testing.assert_close(torch.cat([r[0]["codes"], r[1]["codes"]]), sinkhorn_knopp(z, 0.05, 3),

@@ -10,7 +10,6 @@ then drifts by ~1e-3 after 4 steps, against ~1e-5 without the boost).
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -25,15 +24,10 @@ from excb.engine import build_optimizer, train_step
 from excb.model import build_student_teacher, unwrap
 from excb.schedules import build_schedules
 from excb.syncbn import GlobalBatchNorm, convert_global_batchnorm
+from netutil import free_port
 
 B = 16  # per-rank batch
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _views(images: Tensor, crop_scale: float, gen: torch.Generator) -> list[Tensor]:
@@ -89,7 +83,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     ref = _train(0, 1)
 

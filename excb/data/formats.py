@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 
 from excb.data.decode import decode_batch
 from excb.data.errors import DatasetNotFoundError
-from excb.data.shards import IMAGE_EXTENSIONS, _interleave, _read_files, list_shards
+from excb.data.shards import IMAGE_EXTENSIONS, _interleave, _read_files, group_images, list_shards
 from excb.storage import join, ray_filesystem, resolve_fs
 
 if TYPE_CHECKING:
@@ -191,25 +191,15 @@ def list_image_folder(uri: str, split: str, classes: list[str] | None = None) ->
     classes = train_classes(uri) if classes is None else classes
     index = {c: i for i, c in enumerate(classes)}
     fs, _root = resolve_fs(uri)
-    prefix = folder.rstrip("/") + "/"
-    flat: list[str] = []
-    by_class: dict[str, list[str]] = {}
-    for info in _listdir(fs, folder, recursive=True):
-        if info.type != pafs.FileType.File or not _is_image(info.base_name):
-            continue
-        rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-        if "/" in rel:
-            by_class.setdefault(rel.split("/", 1)[0], []).append(info.path)
-        else:
-            flat.append(info.path)
+    flat, by_class = group_images(_listdir(fs, folder, recursive=True), folder)
     unknown = sorted(set(by_class) - set(index))
     if unknown:
         raise ValueError(f"{shown}: class folders {unknown[:5]} do not exist in the train split")
     if not flat and not by_class:
         raise DatasetNotFoundError(f"no images in {shown}: data.format=image_folder expects "
                                    f"{_expected('image_folder', split)}")
-    items = [(p, index[c]) for c, p in _interleave({c: sorted(ps) for c, ps in sorted(by_class.items())})]
-    items += [(p, -1) for p in sorted(flat)]
+    items = [(p, index[c]) for c, p in _interleave(by_class)]
+    items += [(p, -1) for p in flat]
     return FolderListing(folder=folder, items=items, classes=classes)
 
 

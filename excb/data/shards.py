@@ -315,7 +315,12 @@ def _is_image(name: str) -> bool:
 
 def _scan_split(fs: pafs.FileSystem, folder: str) -> tuple[list[str], dict[str, list[str]]]:
     """Return (images directly in ``folder``, {class: sorted image paths}) for one split."""
-    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    return group_images(fs.get_file_info(pafs.FileSelector(folder, recursive=True)), folder)
+
+
+def group_images(infos: Iterable[pafs.FileInfo], folder: str) -> tuple[list[str], dict[str, list[str]]]:
+    """From a recursive listing of ``folder``: (sorted images directly in it, {class folder: sorted image
+    paths}) — the first path component below ``folder`` names the class."""
     flat: list[str] = []
     by_class: dict[str, list[str]] = {}
     prefix = folder.rstrip("/") + "/"
