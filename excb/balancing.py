@@ -34,12 +34,13 @@ def balance_similarities(z: Tensor, sizes: Tensor, argmax_boost: float = 1.01, e
     c = k * s / s.sum().clamp_min(eps)
     lower = c.clamp(min=eps, max=1.0)
     higher = (1.0 / c.clamp_min(eps)).clamp(max=1.0)
-    z1 = 1.0 - (1.0 - z) * lower
-    z2 = (z1 + 1.0) * higher - 1.0
+    # Both steps are affine in z per cluster, so one fused pass over [N, K] does them:
+    # z'' = ((1 − (1 − z)·lower) + 1)·higher − 1 = β·z + α,  β = lower·higher,  α = (2 − lower)·higher − 1.
+    z2 = torch.addcmul((2.0 - lower) * higher - 1.0, z, lower * higher)
     if argmax_boost != 1.0:
         idx = z2.argmax(dim=-1, keepdim=True)
-        z2 = z2.scatter(-1, idx, z2.gather(-1, idx) * argmax_boost)
-    return z2.clamp(-1.0, 1.0)
+        z2.scatter_(-1, idx, z2.gather(-1, idx) * argmax_boost)
+    return z2.clamp_(-1.0, 1.0)
 
 
 def assignment_histogram(p: Tensor) -> Tensor:
@@ -117,7 +118,7 @@ class ClusterBalancer(Balancer):
     @torch.no_grad()
     def targets(self, z: Tensor, teacher_temp: float) -> Tensor:
         """p = softmax(B(z) / τ_t)."""
-        return torch.softmax(self.balance(z) / teacher_temp, dim=-1)
+        return torch.softmax(self.balance(z).div_(teacher_temp), dim=-1)
 
     def extra_repr(self) -> str:
         return f"num_clusters={self.num_clusters}, momentum={self.momentum}, argmax_boost={self.argmax_boost}"
