@@ -25,21 +25,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from excb.augment import MultiCropAugment
-from excb.balancing import Balancer
-from excb.baselines import build_balancer
 from excb.config import ExcbConfig, from_dict, redacted_dict
-from excb.engine import PhaseTimer, StepStats, autocast_dtype_for, build_optimizer, train_step
-from excb.model import ExcbNetwork, build_student_teacher, compile_backbones
-from excb.schedules import Schedules, build_schedules
+from excb.engine import PhaseTimer, build_rig
 
 PHASES = ("views", "teacher", "balance", "student", "loss_backward", "optimizer", "ema", "estimate")
 
@@ -74,47 +68,6 @@ def _timed(fn: Callable[[], Any], n: int, device: torch.device) -> float:
         fn()
     _sync(device)
     return time.perf_counter() - t0
-
-
-@dataclass
-class StepRig:
-    """Everything :func:`excb.engine.train_step` needs, as one worker sets it up, outside Ray."""
-
-    cfg: ExcbConfig
-    student: nn.Module
-    teacher: ExcbNetwork
-    balancer: Balancer
-    optimizer: torch.optim.Optimizer
-    augment: MultiCropAugment
-    schedules: Schedules
-    gen: torch.Generator
-    autocast_dtype: torch.dtype | None
-    step: int = 0
-
-    def run(self, images: Tensor, timer: PhaseTimer | None = None) -> StepStats:
-        """One training step on ``images`` (uint8 [B, C, H, W]) at the next global step."""
-        stats = train_step(self.cfg, self.student, self.teacher, self.balancer, self.optimizer, self.augment,
-                           self.schedules, images, self.step, 0, self.gen, autocast_dtype=self.autocast_dtype,
-                           timer=timer)
-        self.step += 1
-        return stats
-
-
-def build_rig(cfg: ExcbConfig, device: torch.device, total_steps: int) -> StepRig:
-    """Student, teacher (backbones compiled with ``train.compile``), balancer, optimiser, views and schedules whose
-    first epoch spans ``total_steps`` steps."""
-    torch.manual_seed(cfg.train.seed)
-    student, teacher = build_student_teacher(cfg)
-    if cfg.train.compile:
-        compile_backbones(student, teacher)
-    student.to(device).train()
-    teacher.to(device).train()
-    return StepRig(cfg=cfg, student=student, teacher=teacher, balancer=build_balancer(cfg).to(device),
-                   optimizer=build_optimizer(cfg, student),
-                   augment=MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std),
-                   schedules=build_schedules(cfg, max(1, total_steps)),
-                   gen=torch.Generator().manual_seed(cfg.train.seed),
-                   autocast_dtype=autocast_dtype_for(cfg.train.precision, device))
 
 
 def measure_data(dataset: Any, rows: int, batch: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
@@ -152,7 +105,7 @@ def measure_synthetic(cfg: ExcbConfig, device: torch.device, steps: int, warmup:
     seconds = _timed(lambda: rig.run(x), steps, device)
     timer = PhaseTimer(device)
     for _ in range(steps):
-        stats = rig.run(x, timer)
+        stats = rig.run(x, timer=timer)
     phase_s = {k: timer.seconds[k] / steps for k in PHASES if k in timer.seconds}
     phase_s.update({k: v / steps for k, v in timer.seconds.items() if k not in phase_s})
     total = sum(phase_s.values())

@@ -20,11 +20,19 @@ from torch import Tensor, nn
 
 from excb.augment import MultiCropAugment
 from excb.balancing import Balancer
+from excb.baselines import build_balancer
 from excb.config import ExcbConfig
 from excb.kmeans import spherical_kmeans
 from excb.loss import excb_loss
-from excb.model import ExcbNetwork, ema_update, parameter_groups, unwrap
-from excb.schedules import Schedules
+from excb.model import (
+    ExcbNetwork,
+    build_student_teacher,
+    compile_backbones,
+    ema_update,
+    parameter_groups,
+    unwrap,
+)
+from excb.schedules import Schedules, build_schedules
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
@@ -143,6 +151,48 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
         balancer.observe(z_teacher, p)
     return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
                      unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
+
+
+@dataclass
+class StepRig:
+    """Everything :func:`excb.engine.train_step` needs, as one worker sets it up, outside Ray."""
+
+    cfg: ExcbConfig
+    student: nn.Module
+    teacher: ExcbNetwork
+    balancer: Balancer
+    optimizer: torch.optim.Optimizer
+    augment: MultiCropAugment
+    schedules: Schedules
+    gen: torch.Generator
+    autocast_dtype: torch.dtype | None
+    step: int = 0
+
+    def run(self, images: Tensor, epoch: int = 0, timer: PhaseTimer | None = None) -> StepStats:
+        """One training step on ``images`` (uint8 [B, C, H, W]) at the next global step, in ``epoch``."""
+        stats = train_step(self.cfg, self.student, self.teacher, self.balancer, self.optimizer, self.augment,
+                           self.schedules, images, self.step, epoch, self.gen, autocast_dtype=self.autocast_dtype,
+                           timer=timer)
+        self.step += 1
+        return stats
+
+
+def build_rig(cfg: ExcbConfig, device: torch.device, total_steps: int) -> StepRig:
+    """Student, teacher (backbones compiled with ``train.compile``), balancer, optimiser, views and schedules whose
+    epochs span ``total_steps`` steps each; torch and the view generator seeded with ``train.seed``. What the
+    plain-PyTorch loops (``excb bench``, the experiments) train with."""
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    if cfg.train.compile:
+        compile_backbones(student, teacher)
+    student.to(device).train()
+    teacher.to(device).train()
+    return StepRig(cfg=cfg, student=student, teacher=teacher, balancer=build_balancer(cfg).to(device),
+                   optimizer=build_optimizer(cfg, student),
+                   augment=MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std),
+                   schedules=build_schedules(cfg, max(1, total_steps)),
+                   gen=torch.Generator().manual_seed(cfg.train.seed),
+                   autocast_dtype=autocast_dtype_for(cfg.train.precision, device))
 
 
 @torch.no_grad()

@@ -58,54 +58,42 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
     import numpy as np
     import torch
 
-    from excb.augment import MultiCropAugment
-    from excb.baselines import build_balancer
     from excb.config import load_config
     from excb.data.fashion_mnist import load_fashion_mnist
-    from excb.engine import build_optimizer, init_prototypes_kmeans, train_step
+    from excb.engine import build_rig, init_prototypes_kmeans
     from excb.evaluate import evaluate_teacher
     from excb.metrics import estimate_stats
-    from excb.model import build_student_teacher
-    from excb.schedules import build_schedules
 
     torch.set_num_threads(1)
     base = load_config(config)
     cfg = load_config(config, [f"method.balancer={method}", f"train.batch_size={batch}", f"train.seed={seed}",
                                f"train.epochs={epochs}", f"optim.lr={base.optim.lr * batch / 256}",
                                "optim.warmup_epochs=0.3", "method.kmeans_samples=8192"])
-    torch.manual_seed(seed)
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     train_x = torch.from_numpy(train_x[:, None].copy())
     test_x, test_y = torch.from_numpy(test_x[:eval_test, None].copy()), test_y[:eval_test]
     spe = images // (epochs * batch)
-    sched = build_schedules(cfg, spe)
-    student, teacher = build_student_teacher(cfg)
-    student.train(), teacher.train()
-    balancer = build_balancer(cfg)
-    opt = build_optimizer(cfg, student)
-    augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
-    gen = torch.Generator().manual_seed(seed)
+    rig = build_rig(cfg, torch.device("cpu"), spe)  # torch and the view generator seeded with the run's seed
+    teacher, augment, gen = rig.teacher, rig.augment, rig.gen
     t0 = time.time()
     order = torch.randperm(len(train_x), generator=gen)
-    init_prototypes_kmeans(cfg, student, teacher, (train_x[order[i:i + 256]] for i in range(0, len(order), 256)),
+    init_prototypes_kmeans(cfg, rig.student, teacher, (train_x[order[i:i + 256]] for i in range(0, len(order), 256)),
                            augment, gen, cfg.method.kmeans_samples)
     stream = torch.cat([torch.randperm(len(train_x), generator=gen) for _ in range(-(-images // len(train_x)) + 1)])
-    losses, step = [], 0
+    losses = []
     for epoch in range(epochs):
         for _ in range(spe):
-            idx = stream[step * batch:(step + 1) * batch]
-            stats = train_step(cfg, student, teacher, balancer, opt, augment, sched, train_x[idx], step, epoch, gen)
-            losses.append(stats.loss)
-            step += 1
+            idx = stream[rig.step * batch:(rig.step + 1) * batch]
+            losses.append(rig.run(train_x[idx], epoch=epoch).loss)
     train_seconds = time.time() - t0
     n = min(eval_train, len(train_x))
     ev = evaluate_teacher(teacher, augment, train_x[:n], train_y[:n], test_x, test_y,
                           k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     row: dict[str, Any] = {
-        "method": method, "batch": batch, "seed": seed, "images_seen": step * batch, "steps": step,
+        "method": method, "batch": batch, "seed": seed, "images_seen": rig.step * batch, "steps": rig.step,
         "lr": cfg.optim.lr, "train_seconds": train_seconds, "eval_seconds": time.time() - t0 - train_seconds,
-        "final_loss": float(np.mean(losses[-max(1, spe // 4):])), **ev, **estimate_stats(balancer.sizes),
+        "final_loss": float(np.mean(losses[-max(1, spe // 4):])), **ev, **estimate_stats(rig.balancer.sizes),
     }
     run_dir = out / run_name(method, batch, seed)
     run_dir.mkdir(parents=True, exist_ok=True)

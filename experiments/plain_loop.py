@@ -15,15 +15,12 @@ import time
 import numpy as np
 import torch
 
-from excb.augment import MultiCropAugment
-from excb.baselines import build_balancer
 from excb.config import load_config
 from excb.data.fashion_mnist import load_fashion_mnist
-from excb.engine import build_optimizer, init_prototypes_kmeans, train_step
+from excb.engine import build_rig, init_prototypes_kmeans
 from excb.evaluate import extract_features
 from excb.metrics import estimate_stats, knn_top1
-from excb.model import build_student_teacher
-from excb.schedules import build_schedules, steps_per_epoch
+from excb.schedules import steps_per_epoch
 
 
 def main() -> None:
@@ -45,29 +42,21 @@ def main() -> None:
         train_x, train_y = train_x[: cfg.data.limit], train_y[: cfg.data.limit]
     bs = cfg.train.batch_size
     spe = steps_per_epoch(len(train_x), bs)
-    sched = build_schedules(cfg, spe)
-    student, teacher = build_student_teacher(cfg)
-    student.train(), teacher.train()
-    balancer = build_balancer(cfg)
-    opt = build_optimizer(cfg, student)
-    augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    rig = build_rig(cfg, torch.device("cpu"), spe)
+    teacher, balancer, augment, gen = rig.teacher, rig.balancer, rig.augment, rig.gen
     t0 = time.time()
     if cfg.method.kmeans_init:
         perm = torch.randperm(len(train_x), generator=gen)
-        init_prototypes_kmeans(cfg, student, teacher, (train_x[perm[i:i + bs]] for i in range(0, len(perm), bs)),
+        init_prototypes_kmeans(cfg, rig.student, teacher, (train_x[perm[i:i + bs]] for i in range(0, len(perm), bs)),
                                augment, gen, cfg.method.kmeans_samples)
     print(f"kmeans {time.time() - t0:.1f}s", flush=True)
-    step = 0
     for epoch in range(cfg.train.epochs):
         te = time.time()
         perm = torch.randperm(len(train_x), generator=gen)
         losses = []
         for i in range(spe):
-            stats = train_step(cfg, student, teacher, balancer, opt, augment, sched,
-                               train_x[perm[i * bs:(i + 1) * bs]], step, epoch, gen)
+            stats = rig.run(train_x[perm[i * bs:(i + 1) * bs]], epoch=epoch)
             losses.append(stats.loss)
-            step += 1
         dt = time.time() - te
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "img_s": spe * bs / dt,
                "minutes": (time.time() - t0) / 60, "conf": stats.teacher_confidence,

@@ -20,7 +20,7 @@ CONFIG = str(ROOT / "experiments" / "fashion_mnist.yaml")
 
 def timing(tag: str) -> dict:
     """ms per step of the synthetic step in the calling process/thread, with its thread settings."""
-    from excb.bench import build_rig
+    from excb.engine import build_rig
     from excb.config import load_config
 
     cfg = load_config(CONFIG, ["method.kmeans_init=false"])

@@ -23,12 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from excb.augment import MultiCropAugment  # noqa: E402
-from excb.baselines import build_balancer  # noqa: E402
 from excb.config import load_config  # noqa: E402
-from excb.engine import PhaseTimer, build_optimizer, train_step  # noqa: E402
-from excb.model import build_student_teacher  # noqa: E402
-from excb.schedules import build_schedules  # noqa: E402
+from excb.engine import PhaseTimer, build_rig  # noqa: E402
 
 RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=224", "data.mean=[0.485,0.456,0.406]",
                 "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",
@@ -54,27 +50,16 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     config = None
     if spec[:1] == ["--config"]:
         config, spec = spec[1], spec[2:]
-    cfg = load_config(ROOT / config if config else None, spec)
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
-    student.to(device)
-    teacher.to(device)
-    if compile_model:
-        student.backbone = torch.compile(student.backbone)
-        teacher.backbone = torch.compile(teacher.backbone)
-    balancer = build_balancer(cfg).to(device)
-    opt = build_optimizer(cfg, student)
-    aug = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
-    sched = build_schedules(cfg, steps_per_epoch=2 * steps + 10)
-    gen = torch.Generator().manual_seed(0)  # view parameters are drawn on the CPU, as in training
+    compile_flag = ["train.compile=true"] if compile_model else []
+    cfg = load_config(ROOT / config if config else None, [*spec, *compile_flag])
+    rig = build_rig(cfg, device, 2 * steps + 10)  # views drawn with a CPU generator, as in training
     b, c, s = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
-    x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=gen).to(device)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=rig.gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
-    for i in range(3):
-        train_step(cfg, student, teacher, balancer, opt, aug, sched, x, i, 0, gen, autocast_dtype=dtype)
+    for _ in range(3):
+        rig.run(x)
     warmup_s = time.perf_counter() - t_warm
 
     def sync() -> None:
@@ -83,14 +68,13 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
 
     sync()
     t0 = time.perf_counter()
-    for i in range(steps):
-        stats = train_step(cfg, student, teacher, balancer, opt, aug, sched, x, 3 + i, 0, gen, autocast_dtype=dtype)
+    for _ in range(steps):
+        stats = rig.run(x)
     sync()
     per_step = (time.perf_counter() - t0) / steps
     timer = PhaseTimer(device)
-    for i in range(steps):
-        train_step(cfg, student, teacher, balancer, opt, aug, sched, x, 3 + steps + i, 0, gen, autocast_dtype=dtype,
-                   timer=timer)
+    for _ in range(steps):
+        rig.run(x, timer=timer)
     phases = {k: v / steps for k, v in timer.seconds.items()}
     total = sum(phases.values())
     out = {"setting": label, "overrides": spec, "config": config, "device": str(device),

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.bench import PHASES, build_rig, steady_epoch
+from excb.bench import PHASES, steady_epoch
 from excb.cli import main as cli_main
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
+from excb.engine import build_rig
 from excb.model import build_student_teacher
 from excb.scaling import plan_for
 from tiny import TINY
