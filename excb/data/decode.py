@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from excb.data.errors import CorruptImageError
 
-__all__ = ["decode_batch", "decode_image"]
+__all__ = ["chunks", "decode_batch", "decode_batches", "decode_image"]
 
 _MODES = {1: "L", 3: "RGB"}
 
@@ -90,3 +92,33 @@ def decode_batch(
     else:
         labels = np.full(n, -1, dtype=np.int64)
     return {"image": images, "label": labels, "id": np.asarray(ids), "ok": ok}
+
+
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def decode_batches(batches: Iterable[dict[str, np.ndarray]], decode: Callable[..., dict[str, np.ndarray]], *,
+                   image_size: int, channels: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Decode raw batches in this process with ``decode`` (e.g. :func:`decode_batch`), keep the rows that
+    decoded (``ok``) and stack them: ``(images uint8 [N, C, S, S], labels int64 [N])``, empty arrays for none."""
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch in batches:
+        out = decode(batch, image_size=image_size, channels=channels, **kwargs)
+        images.append(out["image"][out["ok"]])
+        labels.append(out["label"][out["ok"]])
+    if not images:
+        return np.zeros((0, channels, image_size, image_size), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    return np.concatenate(images), np.concatenate(labels)

@@ -23,6 +23,7 @@ columns as the shard path: ``id``, ``image`` (uint8 ``[C, S, S]``) and ``label``
 from __future__ import annotations
 
 import io
+import itertools
 import posixpath
 import re
 import tarfile
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from excb.data.decode import decode_batch
+from excb.data.decode import chunks, decode_batch, decode_batches
 from excb.data.errors import DatasetNotFoundError
 from excb.data.shards import IMAGE_EXTENSIONS, _interleave, _read_files, group_images, list_shards
 from excb.storage import join, ray_filesystem, resolve_fs
@@ -261,25 +262,10 @@ def load_folder_arrays(uri: str, split: str, *, image_size: int, channels: int,
     items = listing.items[:limit] if limit is not None else listing.items
     fs, _root = resolve_fs(uri)
     label_of = dict(items)
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    chunk: list[tuple[str, bytes]] = []
-
-    def flush() -> None:
-        batch = {"id": _objects([p for p, _ in chunk]), "image": _objects([d for _, d in chunk]),
-                 "label": np.array([label_of[p] for p, _ in chunk], dtype=np.int64)}
-        out = decode_batch(batch, image_size=image_size, channels=channels)
-        images.append(out["image"][out["ok"]])
-        labels.append(out["label"][out["ok"]])
-        chunk.clear()
-
-    for path, data in _read_files(fs, (p for p, _ in items)):
-        chunk.append((path, data))
-        if len(chunk) >= _DECODE_BATCH:
-            flush()
-    if chunk:
-        flush()
-    return _stack(images, labels, image_size, channels)
+    batches = ({"id": _objects([p for p, _ in chunk]), "image": _objects([d for _, d in chunk]),
+                "label": np.array([label_of[p] for p, _ in chunk], dtype=np.int64)}
+               for chunk in chunks(_read_files(fs, (p for p, _ in items)), _DECODE_BATCH))
+    return decode_batches(batches, decode_batch, image_size=image_size, channels=channels)
 
 
 def _objects(values: list[Any]) -> np.ndarray:
@@ -287,13 +273,6 @@ def _objects(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
-
-
-def _stack(images: list[np.ndarray], labels: list[np.ndarray], image_size: int,
-           channels: int) -> tuple[np.ndarray, np.ndarray]:
-    if not images:
-        return np.zeros((0, channels, image_size, image_size), np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(images), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------- WebDataset tars
@@ -411,33 +390,16 @@ def load_webdataset_arrays(uri: str, split: str, *, image_size: int, channels: i
         raise DatasetNotFoundError(f"no *.tar shards for split {split!r} at {uri}: data.format=webdataset expects "
                                    f"{_expected('webdataset', split)}")
     fs, _root = resolve_fs(uri)
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    rows: list[dict[str, Any]] = []
-    taken = 0
+    samples = itertools.islice(itertools.chain.from_iterable(_iter_tar_samples(fs, path) for path in tars), limit)
+    batches = (_sample_batch(rows) for rows in chunks(samples, _DECODE_BATCH))
+    return decode_batches(batches, decode_webdataset_batch, image_size=image_size, channels=channels)
 
-    def flush() -> None:
-        suffixes = {s for r in rows for s in r if s != "__key__"}
-        batch = {"__key__": _objects([r["__key__"] for r in rows]),
-                 **{s: _objects([r.get(s) for r in rows]) for s in suffixes}}
-        out = decode_webdataset_batch(batch, image_size=image_size, channels=channels)
-        images.append(out["image"][out["ok"]])
-        labels.append(out["label"][out["ok"]])
-        rows.clear()
 
-    for path in tars:
-        for sample in _iter_tar_samples(fs, path):
-            if limit is not None and taken >= limit:
-                break
-            rows.append(sample)
-            taken += 1
-            if len(rows) >= _DECODE_BATCH:
-                flush()
-        if limit is not None and taken >= limit:
-            break
-    if rows:
-        flush()
-    return _stack(images, labels, image_size, channels)
+def _sample_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Tar samples ({"__key__", suffix: bytes}) as one column batch, None where a sample lacks a suffix."""
+    suffixes = {s for r in rows for s in r if s != "__key__"}
+    return {"__key__": _objects([r["__key__"] for r in rows]),
+            **{s: _objects([r.get(s) for r in rows]) for s in suffixes}}
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from excb.data import formats
-from excb.data.decode import decode_batch
+from excb.data.decode import decode_batch, decode_batches
 from excb.data.errors import CorruptImageError, DatasetNotFoundError
 from excb.data.shards import list_shards, resolve_fs, verify_shards
 from excb.storage import ray_filesystem
@@ -256,23 +257,16 @@ def load_split_arrays(
     fs, _root = resolve_fs(uri)
     dataset = pads.dataset(shards, filesystem=fs, format="parquet")
     columns = [c for c in ("id", "image", "label") if c in dataset.schema.names]
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    remaining = limit
-    for fragment in dataset.get_fragments():  # same order as `shards` (sorted)
-        if remaining is not None and remaining <= 0:
-            break
-        table = fragment.to_table(columns=columns)
-        if remaining is not None:
-            table = table.slice(0, remaining)
-            remaining -= table.num_rows
-        batch = {name: table[name].to_numpy(zero_copy_only=False) for name in columns}
-        out = decode_batch(batch, image_size=image_size, channels=channels)
-        images.append(out["image"][out["ok"]])
-        labels.append(out["label"][out["ok"]])
-    if not images:
-        return (
-            np.zeros((0, channels, image_size, image_size), dtype=np.uint8),
-            np.zeros(0, dtype=np.int64),
-        )
-    return np.concatenate(images), np.concatenate(labels)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        remaining = limit
+        for fragment in dataset.get_fragments():  # same order as `shards` (sorted)
+            if remaining is not None and remaining <= 0:
+                break
+            table = fragment.to_table(columns=columns)
+            if remaining is not None:
+                table = table.slice(0, remaining)
+                remaining -= table.num_rows
+            yield {name: table[name].to_numpy(zero_copy_only=False) for name in columns}
+
+    return decode_batches(batches(), decode_batch, image_size=image_size, channels=channels)

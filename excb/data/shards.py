@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from excb.data.decode import chunks
 from excb.data.errors import DatasetNotFoundError, ShardReadError
 from excb.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from excb.data.fashion_mnist import load_fashion_mnist
@@ -352,14 +353,9 @@ def _read_files(fs: pafs.FileSystem, paths: Iterable[str]) -> Iterator[tuple[str
         with fs.open_input_stream(path) as f:
             return path, f.read()
 
-    chunk: list[str] = []
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        for path in paths:
-            chunk.append(path)
-            if len(chunk) >= 256:
-                yield from pool.map(read, chunk)
-                chunk = []
-        yield from pool.map(read, chunk)
+        for chunk in chunks(paths, 256):
+            yield from pool.map(read, chunk)
 
 
 def _probe_channels(fs: pafs.FileSystem, paths: list[str]) -> int:

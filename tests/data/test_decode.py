@@ -71,3 +71,26 @@ def test_decode_batch_strict_names_row(fashion_test: tuple[np.ndarray, np.ndarra
         decode_batch(_batch(encoded, [0, 1]), image_size=28, channels=1, strict=True)
     with pytest.raises(ValueError, match="channels"):
         decode_batch(_batch(encoded, [0, 1]), image_size=28, channels=2)
+
+
+def test_chunks_keep_order_and_the_short_tail() -> None:
+    from excb.data.decode import chunks
+
+    assert list(chunks(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(chunks([], 3)) == []
+
+
+def test_decode_batches_keeps_decoded_rows_and_is_empty_for_none() -> None:
+    from PIL import Image
+
+    from excb.data.decode import decode_batch, decode_batches
+
+    buf = io.BytesIO()
+    Image.new("L", (10, 10), color=200).save(buf, format="PNG")
+    good = buf.getvalue()
+    batch = {"id": np.array(["a", "b", "c"], dtype=object), "image": np.array([good, b"junk", good], dtype=object),
+             "label": np.array([1, 2, 3])}
+    x, y = decode_batches([batch, batch], decode_batch, image_size=8, channels=1)
+    assert x.shape == (4, 1, 8, 8) and x.dtype == np.uint8 and y.tolist() == [1, 3, 1, 3]
+    x, y = decode_batches([], decode_batch, image_size=8, channels=3)
+    assert x.shape == (0, 3, 8, 8) and y.shape == (0,)
