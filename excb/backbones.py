@@ -37,7 +37,10 @@ class ConvNet(nn.Module):
 
 
 class TorchvisionResNet(nn.Module):
-    """A torchvision ResNet without its classifier; ``small_stem`` swaps the 7×7/2 conv + max-pool for 3×3/1."""
+    """A torchvision ResNet without its classifier; ``small_stem`` swaps the 7×7/2 conv + max-pool for 3×3/1.
+
+    Build ``net`` with ``zero_init_residual=True`` (as :func:`build_backbone` does, like the released ExCB code):
+    the last BN's γ of every residual branch starts at 0, so each block starts as the identity."""
 
     def __init__(self, net: nn.Module, in_channels: int, small_stem: bool) -> None:
         super().__init__()
@@ -46,6 +49,8 @@ class TorchvisionResNet(nn.Module):
             net.maxpool = nn.Identity()
         elif in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        if small_stem or in_channels != 3:  # a replaced stem is initialised like torchvision's other convolutions
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -101,6 +106,7 @@ class ViTBackbone(nn.Module):
             self.vit.conv_proj = nn.Conv2d(in_channels, 384, kernel_size=16, stride=16)
         self.vit.heads = nn.Identity()
         self.out_dim = 384
+        init_vit_like_released(self.vit)
         if drop_path > 0:
             set_drop_path(self, drop_path)
 
@@ -124,6 +130,28 @@ class ViTBackbone(nn.Module):
         return tokens[:, 0]
 
 
+def init_vit_like_released(vit: VisionTransformer) -> None:
+    """Re-initialise a torchvision ViT as the released ExCB (DINO-style) ViT is initialised: every linear weight
+    (attention q/k/v and output projections, MLP layers) ~ truncated normal (std 0.02, cut at ±2), biases 0;
+    LayerNorm γ = 1, β = 0; class token and position embeddings ~ truncated normal (std 0.02); the patch
+    embedding keeps PyTorch's default Conv2d initialisation. (torchvision's own: Xavier-uniform MLP weights,
+    zero class token, normal position embeddings, a fan-in truncated normal patch embedding.)"""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention):
+            nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+            nn.init.zeros_(m.in_proj_bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.trunc_normal_(vit.class_token, std=0.02)
+    nn.init.trunc_normal_(vit.encoder.pos_embedding, std=0.02)
+    vit.conv_proj.reset_parameters()
+
+
 def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128),
                    convnet_pool: int = 1, image_size: int = 224, drop_path: float = 0.0) -> nn.Module:
     """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16 (``drop_path``: ViT only)."""
@@ -132,9 +160,9 @@ def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ..
     if name == "convnet":
         return ConvNet(in_channels, tuple(convnet_widths), convnet_pool)
     if name == "resnet18_small":
-        return TorchvisionResNet(resnet18(), in_channels, small_stem=True)
+        return TorchvisionResNet(resnet18(zero_init_residual=True), in_channels, small_stem=True)
     if name == "resnet50":
-        return TorchvisionResNet(resnet50(), in_channels, small_stem=False)
+        return TorchvisionResNet(resnet50(zero_init_residual=True), in_channels, small_stem=False)
     if name == "vit_s16":
         return ViTBackbone(in_channels, image_size, drop_path=drop_path)
     raise ValueError(f"unknown backbone {name!r}")

@@ -50,8 +50,11 @@ class Prototypes(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
 
     def forward(self, h: Tensor, detach: bool = False) -> Tensor:
+        """z = normalise(h) · normalise(v)ᵀ, always in fp32 (autocast off): in bf16, cosines near 0.7 are spaced
+        0.004 apart, about 0.1 logit at τ_t = 0.04, which ties the argmax among tens of thousands of prototypes."""
         v = self.weight.detach() if detach else self.weight
-        return F.linear(F.normalize(h, dim=-1), F.normalize(v, dim=-1))
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(F.normalize(h.float(), dim=-1), F.normalize(v.float(), dim=-1))
 
     @torch.no_grad()
     def set_centres(self, centres: Tensor) -> None:
@@ -83,10 +86,11 @@ class ExcbNetwork(nn.Module):
             self.predictor = nn.Sequential(nn.BatchNorm1d(m.projector_out), *pred)
         self.prototypes = Prototypes(m.projector_out, m.num_prototypes)
         self.channels_last = m.channels_last
+        self.projector_batching = m.projector_batching
 
-    def project(self, crops: list[Tensor]) -> list[Tensor]:
-        """Raw projector outputs per crop; crops of equal size go through the backbone together."""
-        outs: list[Tensor] = []
+    def _features(self, crops: list[Tensor]) -> list[Tensor]:
+        """Backbone features [B_i, D] per crop; consecutive crops of equal size go through the backbone together."""
+        feats: list[Tensor] = []
         i = 0
         while i < len(crops):
             j = i
@@ -95,8 +99,26 @@ class ExcbNetwork(nn.Module):
             x = torch.cat(crops[i:j])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = self.projector(self.backbone(x))
-            outs.extend(y.chunk(j - i))
+            feats.extend(self.backbone(x).chunk(j - i))
+            i = j
+        return feats
+
+    def project(self, crops: list[Tensor]) -> list[Tensor]:
+        """Raw projector outputs per crop.
+
+        ``model.projector_batching=joint`` (the released code): the backbone runs once per crop size, the projector
+        once on the concatenation of every crop's features, so its batch-norm statistics cover global and local
+        crops together. ``per_size`` (an ablation): the projector runs per crop size, with statistics per size."""
+        feats = self._features(crops)
+        if self.projector_batching == "joint":
+            return list(self.projector(torch.cat(feats)).split([f.shape[0] for f in feats]))
+        outs: list[Tensor] = []
+        i = 0
+        while i < len(feats):
+            j = i
+            while j < len(feats) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            outs.extend(self.projector(torch.cat(feats[i:j])).chunk(j - i))
             i = j
         return outs
 
@@ -106,7 +128,7 @@ class ExcbNetwork(nn.Module):
         direct = [self.prototypes(y, detach=i >= num_global) for i, y in enumerate(ys)]
         predicted = None
         if self.predictor is not None:
-            q = self.predictor(torch.cat(ys)).chunk(len(ys))
+            q = self.predictor(torch.cat(ys)).split([y.shape[0] for y in ys])
             predicted = [self.prototypes(qi, detach=True) for qi in q]
         return ViewScores(direct=direct, predicted=predicted)
 

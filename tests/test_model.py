@@ -79,3 +79,95 @@ def test_parameter_groups() -> None:
     assert all(p.ndim > 1 for p in groups["regular"])
     total = sum(len(v) for v in groups.values())
     assert total == len(list(student.parameters()))
+
+
+def _bn_head_cfg(*extra: str):
+    return _cfg("model.projector_out=16", "model.head_norm=bn", *extra)
+
+
+def _multicrop(b: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(b, 1, 28, 28, generator=gen) for _ in range(2)] + \
+           [torch.randn(b, 1, 12, 12, generator=gen) for _ in range(6)]
+
+
+def _cos(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(h, dim=-1) @ torch.nn.functional.normalize(v, dim=-1).T
+
+
+def test_projector_batch_norm_covers_all_crops_together() -> None:
+    """model.projector_batching=joint (the released code): the backbone per crop size, then ONE projector pass
+    over the concatenation of all 8 crops' features, so its BN statistics mix global and local crops."""
+    torch.manual_seed(0)
+    student, _ = build_student_teacher(_bn_head_cfg())
+    crops = _multicrop()
+    out = student(crops, num_global=2)
+    with torch.no_grad():
+        feats = torch.cat([student.backbone(torch.cat(crops[:2])), student.backbone(torch.cat(crops[2:]))])
+        proj = student.projector(feats)  # joint BN statistics over 8 × 4 rows
+        direct = _cos(proj, student.prototypes.weight).chunk(8)
+        predicted = _cos(student.predictor(proj), student.prototypes.weight).chunk(8)
+    for got, want in zip(out.direct + out.predicted, list(direct) + list(predicted)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the per-size ablation: BN statistics per crop size give other outputs
+    per_size, _ = build_student_teacher(_bn_head_cfg("model.projector_batching=per_size"))
+    per_size.load_state_dict(student.state_dict())
+    other = per_size(crops, num_global=2)
+    assert not torch.allclose(other.direct[0], out.direct[0], atol=1e-3)
+    assert not torch.allclose(other.direct[5], out.direct[5], atol=1e-3)
+
+
+def test_prototype_similarities_are_fp32_under_bf16_autocast() -> None:
+    """Normalisation and z = <h/|h|, v/|v|> run in fp32 even inside bf16 autocast: in bf16, cosines near 0.7
+    are 0.004 apart and the argmax ties among many prototypes."""
+    from excb.model import Prototypes
+
+    torch.manual_seed(0)
+    protos = Prototypes(16, 4096)
+    h = torch.randn(8, 16)
+    want = _cos(h, protos.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = protos(h)
+        bf16 = torch.nn.functional.linear(torch.nn.functional.normalize(h, dim=-1),
+                                          torch.nn.functional.normalize(protos.weight, dim=-1))
+    assert got.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert (bf16.float() - want).abs().max() > 1e-3  # what the fp32 path avoids
+    assert (bf16.float() == bf16.float().max(dim=1, keepdim=True).values).sum(dim=1).max() >= 1
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet18_small"])
+def test_resnets_zero_init_the_last_bn_of_each_residual_branch(name: str) -> None:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    net = build_backbone(name, 3)
+    blocks = [m for m in net.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert blocks
+    for b in blocks:
+        last = b.bn3 if isinstance(b, Bottleneck) else b.bn2
+        assert torch.count_nonzero(last.weight) == 0
+        assert torch.count_nonzero(b.bn1.weight - 1) == 0  # the other BNs start at γ = 1
+
+
+def test_vit_is_initialised_like_the_released_vit() -> None:
+    """Truncated normal (std 0.02) for every linear weight (q/k/v, attention output, MLP), zero biases, LayerNorm
+    1/0, truncated-normal class token and position embeddings, PyTorch's default patch-embedding conv."""
+    torch.manual_seed(0)
+    vit = build_backbone("vit_s16", 3).vit
+    linear = [m.weight.detach() for m in vit.modules() if isinstance(m, torch.nn.Linear)]
+    qkv = [m.in_proj_weight.detach() for m in vit.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert len(qkv) == 12 and len(linear) == 12 * 3
+    for w in linear + qkv:
+        assert abs(float(w.std()) - 0.02) < 0.002 and float(w.abs().max()) < 0.02 * 6
+    for m in vit.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert torch.count_nonzero(m.bias) == 0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            assert torch.count_nonzero(m.in_proj_bias) == 0
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.count_nonzero(m.bias) == 0
+    for p in (vit.class_token, vit.encoder.pos_embedding):
+        assert abs(float(p.detach().std()) - 0.02) < 0.004
+    bound = 1 / (3 * 16 * 16) ** 0.5  # kaiming_uniform(a=√5) of a fan-in 768 conv: U(±1/√fan_in)
+    conv = vit.conv_proj.weight.detach()
+    assert float(conv.abs().max()) <= bound and float(conv.std()) > bound / 3
