@@ -1,7 +1,9 @@
 """Multi-crop views made on the training device for a whole batch at once, each sample with its own random
 parameters (crop box, flip, jitter factors, blur sigma, …) — no per-image Python loop.
 
-Crop + resize + flip is one affine resampling (``affine_grid`` + bilinear ``grid_sample``); colour jitter is
+Crop boxes follow torchvision's ``RandomResizedCrop`` exactly (:func:`sample_crop_boxes`, over each image's valid
+region when images are padded into a canvas); crop + resize + flip is one affine resampling (``affine_grid`` +
+bilinear ``grid_sample``, clamped to the box); colour jitter is
 brightness → contrast → saturation → hue in a fixed order (torchvision draws the order at random); hue is a
 rotation of the chroma plane in YIQ space (a close, fast stand-in for torchvision's HSV hue shift).
 Down-scaling uses bilinear sampling without antialiasing.
@@ -28,26 +30,73 @@ def _bernoulli(n: int, p: float, gen: torch.Generator, device: torch.device) -> 
     return (torch.rand(n, generator=gen) < p).to(device)
 
 
-def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float], flip_p: float,
-                        gen: torch.Generator) -> Tensor:
-    """Per-sample RandomResizedCrop (area fraction ~ U(scale), aspect ratio log-uniform in [3/4, 4/3]) and
-    horizontal flip with probability ``flip_p``, resampled to ``size``×``size``: x [B, C, H, W] float."""
-    b, dev = x.shape[0], x.device
-    area = torch.rand(b, generator=gen) * (scale[1] - scale[0]) + scale[0]
-    log_r = torch.rand(b, generator=gen) * (math.log(4 / 3) - math.log(3 / 4)) + math.log(3 / 4)
-    ratio = torch.exp(log_r)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)  # fraction of the width
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates
-    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=gen) < flip_p, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(dev, x.dtype), [b, x.shape[1], size, size], align_corners=False)
+def sample_crop_boxes(valid_hw: Tensor, scale: tuple[float, float], gen: torch.Generator,
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` for a whole batch, each image with its own valid size.
+
+    For an image of H×W pixels, up to ``attempts`` draws of a target area A = H·W·U(scale) and an aspect ratio
+    r = exp(U(log ratio)) give w = round(√(A·r)), h = round(√(A/r)); the first draw with 0 < w ≤ W and 0 < h ≤ H
+    is kept, at top ~ U{0 … H − h}, left ~ U{0 … W − w}. When no draw fits, the centre crop of the whole image
+    with its aspect ratio clamped to ``ratio``. ``valid_hw``: int [B, 2] (H, W); returns int64 [B, 4]
+    (top, left, h, w), every box inside its image."""
+    b = valid_hw.shape[0]
+    hh = valid_hw[:, 0].to(torch.float64)
+    ww = valid_hw[:, 1].to(torch.float64)
+    u_area = torch.rand(b, attempts, generator=gen, dtype=torch.float64)
+    u_ratio = torch.rand(b, attempts, generator=gen, dtype=torch.float64)
+    target = (hh * ww)[:, None] * (scale[0] + u_area * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + u_ratio * (log_hi - log_lo))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first fitting draw (0 if none)
+    found = fits.any(dim=1)
+    in_ratio = ww / hh
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(hh * ratio[1]), ww)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(ww / ratio[0]), hh)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
+    u_top, u_left = torch.rand(2, b, generator=gen, dtype=torch.float64)
+    top = torch.where(found, torch.minimum(torch.floor(u_top * (hh - h + 1)), hh - h), torch.floor((hh - h) / 2))
+    left = torch.where(found, torch.minimum(torch.floor(u_left * (ww - w + 1)), ww - w), torch.floor((ww - w) / 2))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def resample_boxes(x: Tensor, boxes: Tensor, size: int, flip: Tensor) -> Tensor:
+    """Crop every image of ``x`` [B, C, H, W] to its box (int [B, 4]: top, left, h, w in pixels) and resize it to
+    ``size``×``size`` (bilinear, no antialiasing), mirrored where ``flip`` [B] is true: one ``affine_grid`` +
+    ``grid_sample`` for the batch. Sample points are clamped to the box's pixel centres, so a crop never reads a
+    pixel outside its box (the canvas padding around an image included): the same as cropping, then resizing."""
+    b, _, hc, wc = x.shape
+    top, left, h, w = boxes.to(torch.float64).unbind(1)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = w / wc * torch.where(flip.cpu(), -1.0, 1.0).to(torch.float64)
+    theta[:, 0, 2] = (2 * left + w) / wc - 1
+    theta[:, 1, 1] = h / hc
+    theta[:, 1, 2] = (2 * top + h) / hc - 1
+    lo = torch.stack([(2 * left + 1) / wc - 1, (2 * top + 1) / hc - 1], dim=1)
+    hi = torch.stack([(2 * (left + w) - 1) / wc - 1, (2 * (top + h) - 1) / hc - 1], dim=1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)
+    lo, hi = lo.to(x.device, x.dtype)[:, None, None, :], hi.to(x.device, x.dtype)[:, None, None, :]
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def full_boxes(x: Tensor) -> Tensor:
+    """Valid size (H, W) of every image of a batch that fills its canvas: int64 [B, 2]."""
+    return torch.tensor([x.shape[-2], x.shape[-1]], dtype=torch.int64).expand(x.shape[0], 2)
+
+
+def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float], flip_p: float,
+                        gen: torch.Generator, valid_hw: Tensor | None = None) -> Tensor:
+    """Per-sample RandomResizedCrop (torchvision's box distribution, :func:`sample_crop_boxes`, over each image's
+    valid top-left H×W region of the canvas, the whole canvas by default) and horizontal flip with probability
+    ``flip_p``, resampled to ``size``×``size``: x [B, C, H, W] float."""
+    valid_hw = full_boxes(x) if valid_hw is None else valid_hw.cpu()
+    boxes = sample_crop_boxes(valid_hw, scale, gen)
+    flip = torch.rand(x.shape[0], generator=gen) < flip_p
+    return resample_boxes(x, boxes, size, flip)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -99,14 +148,17 @@ def color_jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     return x
 
 
-def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], gen: torch.Generator) -> Tensor:
-    """With probability ``p`` per sample, a separable Gaussian blur with σ ~ U(sigma) (kernel radius ⌈3σ_max⌉,
-    reflect padding); one grouped convolution for the whole batch."""
+def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], gen: torch.Generator,
+                  kernel_size: int = 0) -> Tensor:
+    """With probability ``p`` per sample, a separable Gaussian blur with σ ~ U(sigma), kernel radius ⌈3σ_max⌉
+    (or (kernel_size − 1)/2 for an odd ``kernel_size``; the released code uses torchvision's kernel of 9) and
+    reflect padding; one grouped convolution for the whole batch."""
     b, c, h, w = x.shape
     dev = x.device
     if p <= 0:
         return x
-    radius = max(1, min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2))
+    wanted = (kernel_size - 1) // 2 if kernel_size > 0 else math.ceil(3 * sigma[1])
+    radius = max(1, min(wanted, (min(h, w) - 1) // 2))
     sig = _uniform(b, sigma[0], sigma[1], gen, dev).to(x.dtype)
     blur = _bernoulli(b, p, gen, dev)
     t = torch.arange(-radius, radius + 1, device=dev, dtype=x.dtype)
@@ -120,7 +172,7 @@ def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], gen: torch.Ge
     return y.reshape(b, c, h, w)
 
 
-def solarize(x: Tensor, p: float, gen: torch.Generator, threshold: float = 0.5) -> Tensor:
+def solarize(x: Tensor, p: float, gen: torch.Generator, threshold: float = 128 / 255) -> Tensor:
     """With probability ``p`` per sample, invert pixels ≥ ``threshold``: x ← 1 − x there."""
     if p <= 0:
         return x
@@ -147,22 +199,27 @@ class MultiCropAugment:
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def _view(self, x: Tensor, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-              gen: torch.Generator) -> Tensor:
+              gen: torch.Generator, valid_hw: Tensor | None) -> Tensor:
         cfg = self.cfg
-        v = random_resized_crop(x, size, scale, cfg.flip_p, gen)
+        v = random_resized_crop(x, size, scale, cfg.flip_p, gen, valid_hw)
         v = color_jitter(v, cfg, gen)
-        v = gaussian_blur(v, blur_p, (cfg.blur_sigma[0], cfg.blur_sigma[1]), gen)
-        v = solarize(v, solarize_p, gen)
+        v = gaussian_blur(v, blur_p, (cfg.blur_sigma[0], cfg.blur_sigma[1]), gen, cfg.blur_kernel_size)
+        v = solarize(v, solarize_p, gen, cfg.solarize_threshold)
         return self._normalise(v)
 
-    def __call__(self, images: Tensor, crop_min_scale: float, gen: torch.Generator) -> list[Tensor]:
-        """uint8 [B, C, H, W] → [global_1, global_2, local_1, …]: float tensors on the images' device."""
+    def __call__(self, images: Tensor, crop_min_scale: float, gen: torch.Generator,
+                 valid_hw: Tensor | None = None) -> list[Tensor]:
+        """uint8 [B, C, H, W] → [global_1, global_2, local_1, …]: float tensors on the images' device.
+
+        ``valid_hw`` (int [B, 2], optional): each image's size (H, W) at the top-left of its padded canvas
+        (``data.train_decode=fit``); crops are drawn inside it only. None: every image fills its canvas."""
         cfg = self.cfg
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        views = [self._view(x, cfg.global_size, (crop_min_scale, 1.0), self.global_blur[i], cfg.solarize_p[i], gen)
+        views = [self._view(x, cfg.global_size, (crop_min_scale, 1.0), self.global_blur[i], cfg.solarize_p[i], gen,
+                            valid_hw)
                  for i in range(2)]
         local_scale = (cfg.local_min_scale, crop_min_scale)
-        views += [self._view(x, cfg.local_size, local_scale, self.local_blur, 0.0, gen)
+        views += [self._view(x, cfg.local_size, local_scale, self.local_blur, 0.0, gen, valid_hw)
                   for _ in range(cfg.num_local)]
         return views
 

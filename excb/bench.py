@@ -84,7 +84,7 @@ def measure_data(dataset: Any, rows: int, batch: int, steps: int, warmup: int, s
     while consumed < warmup + steps:
         feed = EpochFeed(dataset, batch, min(per_pass, warmup + steps - consumed), torch.device("cpu"),
                          seed=seed + passes)
-        for _images in feed:
+        for _batch in feed:
             consumed += 1
             if consumed == warmup:
                 t0 = time.perf_counter()

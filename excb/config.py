@@ -29,7 +29,11 @@ class DataConfig:
     materialize: bool | str = "auto"  # keep the decoded train split in Ray's object store: true | false (stream:
     #   read + decode every epoch) | auto (true when it takes under a quarter of the object store)
     train_rows: int = 0  # streamed image_folder/webdataset: train images if known (skips counting them); 0 = count
-    image_size: int = 28  # decoded size in pixels (images are resized/cropped to S×S on decode)
+    image_size: int = 28  # decoded size in pixels: training canvases and evaluation images are S×S
+    train_decode: str = "fit"  # training images: fit (whole image, longer side resized to S, aspect kept, padded
+    #   into the S×S canvas; crops are drawn from the whole image, as torchvision's RandomResizedCrop on the
+    #   original) | centre_crop (shorter side to S, centre S×S kept: crops never see the cut-off sides).
+    #   Evaluation always decodes centre_crop (resize + centre crop, as the released kNN/linear transforms).
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     strict_decode: bool = False  # corrupt image bytes: False = skip and count, True = stop naming the row
     limit: int = 0  # use only the first N training rows (0 = all); for tests and quick runs
@@ -47,6 +51,8 @@ class ModelConfig:
     predictor_hidden: int = 2048
     use_predictor: bool = True
     head_norm: str = "bn"  # bn (ResNet heads: BN + ReLU) | none (ViT heads: no BN, GELU)
+    projector_batching: str = "joint"  # joint (released code: one projector pass over all crops, BN statistics
+    #   over global and local crops together) | per_size (ablation: one pass and BN statistics per crop size)
     drop_path: float = 0.0  # vit_s16 only: stochastic depth of the student (linear over depth); the teacher gets 0
     num_prototypes: int = 1024
     channels_last: bool = True
@@ -87,6 +93,8 @@ class AugmentConfig:
     blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])  # per global view; locals use the first
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     blur_mode: str = "nominal"  # nominal | authors (the released code's inverted probabilities, locals unblurred)
+    blur_kernel_size: int = 0  # 0 = radius ceil(3 sigma_max); an odd size fixes the kernel (released code: 9)
+    solarize_threshold: float = 0.50196  # invert pixels >= this (128/255, torchvision's RandomSolarize(128))
     solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
 
 
@@ -194,6 +202,8 @@ class ExcbConfig:
 BACKBONES = ("convnet", "resnet18_small", "resnet50", "vit_s16")
 DATA_FORMATS = ("shards", "image_folder", "webdataset")
 BALANCERS = ("excb", "centering", "sinkhorn", "none")
+TRAIN_DECODES = ("fit", "centre_crop")
+RELEASED_BLUR_P = (1.0, 0.1)  # the released code's per-global-view blur list (configs/main_config.yaml: p_blur)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -304,6 +314,7 @@ def validate(cfg: ExcbConfig) -> None:
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     _check(d.limit >= 0, "data.limit", "must be >= 0")
     _check(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
+    _check(d.train_decode in TRAIN_DECODES, "data.train_decode", f"must be one of {TRAIN_DECODES}, got {d.train_decode!r}")
     _check(d.materialize in (True, False, "auto"), "data.materialize", f"must be true, false or auto, got {d.materialize!r}")
     _check(d.train_rows >= 0, "data.train_rows", "must be >= 0 (0 = count)")
     _check(d.dataset != "fashion_mnist" or d.format == "shards", "data.format",
@@ -314,6 +325,7 @@ def validate(cfg: ExcbConfig) -> None:
     _check(m.convnet_pool >= 1, "model.convnet_pool", f"must be >= 1, got {m.convnet_pool}")
     _check(m.num_prototypes >= 2, "model.num_prototypes", f"must be >= 2, got {m.num_prototypes}")
     _check(m.head_norm in ("bn", "none"), "model.head_norm", "must be bn or none")
+    _check(m.projector_batching in ("joint", "per_size"), "model.projector_batching", "must be joint or per_size")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
     _check(m.drop_path == 0.0 or m.backbone == "vit_s16", "model.drop_path", "only the vit_s16 backbone has drop-path")
     for key in ("projector_hidden", "projector_out", "predictor_hidden"):
@@ -344,6 +356,13 @@ def validate(cfg: ExcbConfig) -> None:
     _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
            "must be [min, max] with 0 < min <= max")
     _check(a.blur_mode in ("nominal", "authors"), "augment.blur_mode", "must be nominal or authors")
+    _check(a.blur_mode != "authors" or list(a.blur_p) == list(RELEASED_BLUR_P), "augment.blur_p",
+           f"augment.blur_mode=authors reproduces the released code's blur, which it applies to its own list "
+           f"augment.blur_p={list(RELEASED_BLUR_P)} (effective per global view: 0.0, 0.9; locals: 0.0); got "
+           f"augment.blur_p={list(a.blur_p)}. Set your own probabilities with augment.blur_mode=nominal")
+    _check(a.blur_kernel_size == 0 or (a.blur_kernel_size >= 3 and a.blur_kernel_size % 2 == 1),
+           "augment.blur_kernel_size", f"must be 0 (from sigma) or an odd size >= 3, got {a.blur_kernel_size}")
+    _check(0.0 < a.solarize_threshold <= 1.0, "augment.solarize_threshold", "must be in (0, 1]")
     _check(o.optimizer in ("sgd", "adamw"), "optim.optimizer", f"must be sgd or adamw, got {o.optimizer!r}")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")

@@ -119,14 +119,16 @@ def teacher_targets(teacher: ExcbNetwork, balancer: Balancer, global_views: list
 def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balancer: Balancer,
                optimizer: torch.optim.Optimizer, augment: MultiCropAugment, schedules: Schedules,
                images: Tensor, step: int, epoch: int, gen: torch.Generator,
-               autocast_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None) -> StepStats:
-    """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step``.
+               autocast_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None,
+               valid_hw: Tensor | None = None) -> StepStats:
+    """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step`` (``valid_hw``: each image's
+    size in its padded canvas, crops drawn inside it; None = images fill their canvas).
 
     ``timer`` (optional) records the time of each phase: views, teacher, balance (operator B and the softmax),
     student, loss_backward, optimizer, ema, estimate (the size-estimate update)."""
     phase = timer or _untimed
     with phase("views"):
-        views = augment(images, float(schedules.crop_min_scale[epoch]), gen)
+        views = augment(images, float(schedules.crop_min_scale[epoch]), gen, valid_hw)
     apply_schedule(optimizer, schedules, step)
     device_type = images.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -197,15 +199,17 @@ def build_rig(cfg: ExcbConfig, device: torch.device, total_steps: int) -> StepRi
 
 @torch.no_grad()
 def init_prototypes_kmeans(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork,
-                           batches: Iterable[Tensor], augment: MultiCropAugment, gen: torch.Generator,
-                           max_samples: int) -> Tensor:
+                           batches: Iterable[Tensor | tuple[Tensor, Tensor | None]], augment: MultiCropAugment,
+                           gen: torch.Generator, max_samples: int) -> Tensor:
     """Spherical k-means over the (random-init) teacher's L2-normalised projector outputs of one global view of
     up to ``max_samples`` images on this rank (k-means itself is global), copied into teacher and student
-    prototypes. Returns the final cluster counts."""
+    prototypes. ``batches`` yields uint8 images, or (images, valid_hw or None) as :class:`excb.train.EpochFeed`
+    does. Returns the final cluster counts."""
     feats: list[Tensor] = []
     n = 0
-    for images in batches:
-        view = augment(images, float(cfg.augment.crop_min_start), gen)[0]
+    for batch in batches:
+        images, valid_hw = (batch, None) if isinstance(batch, Tensor) else batch
+        view = augment(images, float(cfg.augment.crop_min_start), gen, valid_hw)[0]
         feats.append(torch.nn.functional.normalize(teacher.project([view])[0].float(), dim=1))
         n += view.shape[0]
         if n >= max_samples:

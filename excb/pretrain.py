@@ -133,15 +133,17 @@ def training_dataset(cfg: ExcbConfig) -> DecodedSplit:
     in an epoch's slack, more stop the epoch with "data shard ran out" (use ``data.strict_decode`` to find them)."""
     d = cfg.data
     limit = d.limit or None
+    fit = d.train_decode == "fit"
     rows = count_split_rows(d.path, "train", d.format, known=d.train_rows, retries=cfg.storage.read_retries)
     rows = min(rows, limit) if limit else rows
     if not should_materialize(cfg, rows):
         print(f"[excb] streaming the train split ({rows} images, data.format={d.format}): read and decoded "
               "every epoch", flush=True)
         return decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels, strict=d.strict_decode,
-                             limit=limit, fmt=d.format, materialize=False, rows=rows, shuffle_seed=cfg.train.seed)
+                             limit=limit, fmt=d.format, materialize=False, rows=rows, shuffle_seed=cfg.train.seed,
+                             fit=fit)
     decoded = decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels,
-                            strict=d.strict_decode, limit=limit, fmt=d.format)
+                            strict=d.strict_decode, limit=limit, fmt=d.format, fit=fit)
     if decoded.corrupt:
         print(f"[excb] skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})", flush=True)
     return dataclasses.replace(decoded, dataset=decoded.dataset.randomize_block_order())

@@ -73,7 +73,9 @@ def training_state(student: nn.Module, teacher: ExcbNetwork, balancer: Balancer,
 
 
 class EpochFeed:
-    """Exactly ``steps`` uint8 image batches from this worker's shard for one pass, timing the wait for data.
+    """Exactly ``steps`` batches ``(images uint8 [B, C, S, S], valid_hw int [B, 2] or None)`` from this worker's
+    shard for one pass, timing the wait for data (``valid_hw``: each image's size in its canvas, see
+    ``data.train_decode``; None when the dataset has no such column).
 
     The order is Ray Data's block order for this pass (randomised per pass) refined by a local shuffle buffer
     seeded with ``seed``; ``wait_seconds`` is the time spent waiting for the next batch (not hidden by prefetch),
@@ -87,7 +89,7 @@ class EpochFeed:
         self.wait_seconds = self.first_wait_seconds = 0.0
         self.ids: list[str] | None = [] if record_ids else None
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         it = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
                                           local_shuffle_buffer_size=4 * self.batch_size,
                                           local_shuffle_seed=self.seed))
@@ -102,13 +104,14 @@ class EpochFeed:
             if self.device.type == "cuda":  # page-locked, so the copy overlaps with the running step
                 images = images.pin_memory()
             images = images.to(self.device, non_blocking=True)
+            valid_hw = torch.from_numpy(batch["valid_hw"]) if "valid_hw" in batch else None
             waited = time.perf_counter() - t0
             self.wait_seconds += waited
             if n == 0:
                 self.first_wait_seconds = waited
             if self.ids is not None and "id" in batch:
                 self.ids.extend(str(i) for i in batch["id"])
-            yield images
+            yield images, valid_hw
 
 
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -197,9 +200,9 @@ def train_worker(config: dict[str, Any]) -> None:
         sums = {"loss": 0.0, "teacher_confidence": 0.0, "unique_targets": 0.0, "changed_by_balancing": 0.0}
         feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=(cfg.train.seed + 1) * 7919 + epoch * 31 + rank,
                          record_ids=cfg.train.record_sample_ids)
-        for i, images in enumerate(feed):
+        for i, (images, valid_hw) in enumerate(feed):
             stats: StepStats = train_step(cfg, student, teacher, balancer, optimizer, augment, schedules, images,
-                                          step, epoch, gen, autocast_dtype=autocast_dtype)
+                                          step, epoch, gen, autocast_dtype=autocast_dtype, valid_hw=valid_hw)
             for key in sums:
                 sums[key] += float(getattr(stats, key))
             step += 1

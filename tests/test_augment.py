@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from excb.augment import MultiCropAugment, gaussian_blur, random_resized_crop, solarize
+from excb.augment import MultiCropAugment, gaussian_blur, random_resized_crop, sample_crop_boxes, solarize
 from excb.config import AugmentConfig
 
 
@@ -30,11 +30,66 @@ def test_each_sample_gets_its_own_crop() -> None:
 
 
 def test_full_scale_crop_without_flip_is_identity() -> None:
+    # scale (1, 1) on a square image: a draw fits only with aspect ≈ 1 (w = h = 28), and torchvision's fallback
+    # is the whole image too, so every crop is the whole image: the identity, or its mirror image with flip_p=1
     x = _images(4).float() / 255
     out = random_resized_crop(x, 28, (1.0, 1.0), 0.0, torch.Generator().manual_seed(0))
-    # ratio is still random, so only a crop with ratio≈1 is the identity; check the flipped variant instead
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
     flipped = random_resized_crop(x, 28, (1.0, 1.0), 1.0, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(flipped, out.flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
+
+
+def _torchvision_boxes(h: int, w: int, scale: tuple[float, float], n: int) -> torch.Tensor:
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    img = torch.zeros(1, h, w)
+    return torch.tensor([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+@pytest.mark.parametrize("hw", [(200, 300), (300, 150), (96, 320), (64, 64)])
+@pytest.mark.parametrize("scale", [(0.14, 1.0), (0.05, 0.14)])
+def test_crop_boxes_follow_torchvision_on_the_whole_image(hw: tuple[int, int], scale: tuple[float, float]) -> None:
+    """Area fraction and aspect ratio of the sampled boxes have torchvision's RandomResizedCrop distribution on
+    the original (here: non-square) image, fallbacks included (two-sample Kolmogorov-Smirnov tests)."""
+    from scipy.stats import ks_2samp
+
+    n = 4000
+    ours = sample_crop_boxes(torch.tensor([hw] * n), scale, torch.Generator().manual_seed(1))
+    ref = _torchvision_boxes(*hw, scale, n)
+    h, w = hw
+    for boxes in (ours, ref):  # (top, left, h, w), inside the image
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= h).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= w).all() and (boxes[:, 2:] > 0).all()
+    area = [(b[:, 2] * b[:, 3]).double() / (h * w) for b in (ours, ref)]
+    aspect = [torch.log(b[:, 3].double() / b[:, 2]) for b in (ours, ref)]
+    top = [(b[:, 0].double() + b[:, 2] / 2) / h for b in (ours, ref)]  # box centres, relative
+    for a, b in (area, aspect, top):
+        assert ks_2samp(a.numpy(), b.numpy()).pvalue > 1e-3
+    full = [((b[:, 2] == h) & (b[:, 3] == w)).double().mean() for b in (ours, ref)]
+    assert abs(full[0] - full[1]) < 0.03  # the same share of whole-image crops (the fallback for wide images)
+
+
+def test_crops_never_cover_the_canvas_padding() -> None:
+    """Images padded into a canvas (``data.train_decode=fit``): every output pixel of every crop comes from the
+    image, none from the padding, at any crop size (up- or down-sampling), flipped or not."""
+    canvas = torch.zeros(64, 3, 40, 40)
+    hw = torch.tensor([[40, 13], [9, 40], [25, 31], [40, 40]] * 16)
+    for i, (h, w) in enumerate(hw.tolist()):
+        canvas[i, :, :h, :w] = 0.75
+    for size, scale in ((32, (0.14, 1.0)), (12, (0.05, 0.14)), (64, (0.5, 1.0))):
+        out = random_resized_crop(canvas, size, scale, 0.5, torch.Generator().manual_seed(size), valid_hw=hw)
+        assert out.shape == (64, 3, size, size)
+        torch.testing.assert_close(out, torch.full_like(out, 0.75), atol=1e-6, rtol=0)
+
+
+def test_views_of_padded_images_use_only_the_image() -> None:
+    aug = MultiCropAugment(AugmentConfig(global_size=16, local_size=8, num_local=2, jitter_p=0.0, grayscale_p=0.0,
+                                         blur_p=[0.0, 0.0], solarize_p=[0.0, 0.0]), [0.0], [1.0])
+    images = torch.zeros(8, 1, 30, 30, dtype=torch.uint8)
+    images[:, :, :10, :25] = 255
+    views = aug(images, 0.3, torch.Generator().manual_seed(0), torch.tensor([[10, 25]] * 8))
+    assert all(torch.allclose(v, torch.ones_like(v)) for v in views)
 
 
 def test_views_are_reproducible_with_the_same_generator() -> None:
@@ -58,6 +113,17 @@ def test_solarize_inverts_bright_pixels() -> None:
     x = torch.tensor([0.2, 0.7]).view(1, 1, 1, 2).expand(4, 1, 1, 2)
     out = solarize(x, 1.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.2, 0.3]))
+    # torchvision's RandomSolarize(threshold=128) on uint8: 128 is inverted, 127 is not
+    pixels = torch.tensor([127.0, 128.0]).view(1, 1, 1, 2) / 255
+    torch.testing.assert_close(solarize(pixels, 1.0, torch.Generator())[0, 0, 0], torch.tensor([127.0, 127.0]) / 255)
+
+
+def test_blur_kernel_size_fixes_the_support() -> None:
+    x = torch.zeros(4, 1, 31, 31)
+    x[:, :, 15, 15] = 1.0
+    out = gaussian_blur(x, 1.0, (2.0, 2.0), torch.Generator().manual_seed(0), kernel_size=9)
+    support = out[0, 0] > 0
+    assert support.any(dim=0).sum() == 9 and support.any(dim=1).sum() == 9  # radius 4, as torchvision's 9
 
 
 def test_rgb_jitter_and_grayscale_keep_range() -> None:

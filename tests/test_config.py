@@ -37,10 +37,24 @@ def test_overrides_are_typed() -> None:
     ("train.batch_size=255", "train.batch_size"),
     ("optim.optimizer=lamb", "optim.optimizer"),
     ("augment.blur_p=[0.5]", "augment.blur_p"),
+    ("data.train_decode=stretch", "data.train_decode"),
+    ("model.projector_batching=per_crop", "model.projector_batching"),
+    ("augment.blur_kernel_size=8", "augment.blur_kernel_size"),
 ])
 def test_bad_keys_and_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override, "train.num_workers=2"] if "batch_size" in key else [override])
+
+
+def test_released_blur_with_own_probabilities_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    """blur_mode=authors reproduces what the released code does to ITS list [1.0, 0.1]; with another list the
+    combination was never run by the authors, so it is refused at load."""
+    p = tmp_path / "c.yaml"
+    p.write_text("augment:\n  blur_mode: authors\n  blur_p: [0.5, 0.1]\n")
+    with pytest.raises(ConfigError, match=r"augment\.blur_p.*augment\.blur_mode=authors"):
+        load_config(p)
+    assert load_config(None, ["augment.blur_mode=authors"]).augment.blur_p == [1.0, 0.1]
+    assert load_config(None, ["augment.blur_p=[0.5, 0.1]"]).augment.blur_mode == "nominal"
 
 
 def test_unknown_key_in_file(tmp_path: Path) -> None:

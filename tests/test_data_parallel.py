@@ -30,7 +30,7 @@ B = 16  # per-rank batch
 STEPS = 4
 
 
-def _views(images: Tensor, crop_scale: float, gen: torch.Generator) -> list[Tensor]:
+def _views(images: Tensor, crop_scale: float, gen: torch.Generator, valid_hw: Tensor | None = None) -> list[Tensor]:
     """Two global views (image, mirrored image) and two fixed local crops: no randomness."""
     x = (images.float() / 255 - 0.286) / 0.353
     return [x, x.flip(-1),

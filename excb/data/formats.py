@@ -213,7 +213,8 @@ def _relative_to(path: str, root: str) -> str:
 
 
 def decode_folder_batch(batch: dict[str, np.ndarray], *, data_root: str, split_root: str, classes: list[str],
-                        image_size: int, channels: int, strict: bool = False) -> dict[str, np.ndarray]:
+                        image_size: int, channels: int, strict: bool = False,
+                        fit: bool = False) -> dict[str, np.ndarray]:
     """``read_binary_files(include_paths=True)`` rows (``bytes``, ``path``) → ``id``, ``image``, ``label``, ``ok``.
 
     The id is the path relative to ``data_root``; the label the class (first folder below ``split_root``) index
@@ -227,7 +228,7 @@ def decode_folder_batch(batch: dict[str, np.ndarray], *, data_root: str, split_r
             labels[i] = index.get(rel.split("/", 1)[0], -1)
     ids = np.array([_relative_to(p, data_root) for p in paths], dtype=object)
     return decode_batch({"id": ids, "image": batch["bytes"], "label": labels},
-                        image_size=image_size, channels=channels, strict=strict)
+                        image_size=image_size, channels=channels, strict=strict, fit=fit)
 
 
 def read_image_folder(uri: str, split: str, *, shuffle_seed: int | None = None,
@@ -311,7 +312,7 @@ def _parse_cls(value: Any) -> int:
 
 
 def decode_webdataset_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int,
-                            strict: bool = False) -> dict[str, np.ndarray]:
+                            strict: bool = False, fit: bool = False) -> dict[str, np.ndarray]:
     """``read_webdataset(decoder=None)`` rows (``__key__``, image member bytes, ``cls``) → ``id``, ``image``,
     ``label``, ``ok``. A sample without an image member is a corrupt row (``ok=False``; with ``strict``, an error
     naming the key)."""
@@ -331,7 +332,7 @@ def decode_webdataset_batch(batch: dict[str, np.ndarray], *, image_size: int, ch
     cls = batch[columns["cls"]] if "cls" in columns else [None] * n
     labels = np.array([_parse_cls(v) for v in cls], dtype=np.int64)
     return decode_batch({"id": keys, "image": encoded, "label": labels}, image_size=image_size,
-                        channels=channels, strict=strict)
+                        channels=channels, strict=strict, fit=fit)
 
 
 def read_webdataset(uri: str, split: str, *, shuffle_seed: int | None = None) -> ray.data.Dataset:

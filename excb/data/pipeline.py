@@ -163,6 +163,7 @@ def decoded_split(
     materialize: bool = True,
     rows: int | None = None,
     shuffle_seed: int | None = None,
+    fit: bool = False,
 ) -> DecodedSplit:
     """Read, decode once and materialize a split for reuse across epochs (or, with ``materialize=False``,
     return the lazy read + decode pipeline that runs again on every pass).
@@ -180,12 +181,14 @@ def decoded_split(
         rows: streaming only: the split's row count (default: :func:`count_split_rows`, capped at ``limit``).
         shuffle_seed: shuffle the file order, anew on every pass (streaming without ``limit``; materialized
             datasets are shuffled by block order instead).
+        fit: whole images in padded canvases with their ``valid_hw`` (training with ``data.train_decode=fit``)
+            instead of centre crops.
 
     Returns:
         :class:`DecodedSplit` with ``rows`` = rows kept, ``corrupt`` = rows
         dropped and ``corrupt_ids`` = the first few dropped ids.
     """
-    fn_kwargs = {"image_size": image_size, "channels": channels, "strict": strict}
+    fn_kwargs = {"image_size": image_size, "channels": channels, "strict": strict, "fit": fit}
     if not materialize:
         if rows is None:
             rows = count_split_rows(uri, split, fmt)

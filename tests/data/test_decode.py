@@ -94,3 +94,21 @@ def test_decode_batches_keeps_decoded_rows_and_is_empty_for_none() -> None:
     assert x.shape == (4, 1, 8, 8) and x.dtype == np.uint8 and y.tolist() == [1, 3, 1, 3]
     x, y = decode_batches([], decode_batch, image_size=8, channels=3)
     assert x.shape == (0, 3, 8, 8) and y.shape == (0,)
+
+
+def test_decode_image_fit_keeps_the_whole_image_in_a_padded_canvas() -> None:
+    from excb.data.decode import decode_image_fit
+
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, :10] = 200  # the left quarter: a centre crop would cut it off
+    canvas, (h, w) = decode_image_fit(_encode(wide), 16, 3)
+    assert canvas.shape == (3, 16, 16) and (h, w) == (8, 16)
+    assert canvas[:, :8, :3].min() >= 190 and canvas[:, :8, 5:].max() <= 10  # the whole width is there
+    assert canvas[:, 8:].max() == 0  # padding below the image
+    tall, (h, w) = decode_image_fit(_encode(np.full((30, 10), 99, dtype=np.uint8)), 15, 1)
+    assert (h, w) == (15, 5) and tall[0, :, :5].min() == 99 and tall[0, :, 5:].max() == 0
+    same, hw = decode_image_fit(_encode(np.full((12, 12), 7, dtype=np.uint8)), 12, 1)
+    assert hw == (12, 12) and (same == 7).all()
+    out = decode_batch(_batch([_encode(wide), b"junk"]), image_size=16, channels=3, fit=True)
+    assert out["valid_hw"].tolist() == [[8, 16], [16, 16]] and out["ok"].tolist() == [True, False]
+    assert decode_batch(_batch([_encode(wide)]), image_size=16, channels=3)["valid_hw"].tolist() == [[16, 16]]

@@ -202,7 +202,7 @@ def test_ray_data_materialised_and_streamed(ray_session: None, where: str, fmt: 
     kw = dict(image_size=SIZE, channels=3, fmt=fmt)
     whole = decoded_split(where, "train", **kw)
     assert not whole.streamed and whole.rows == 24 and whole.corrupt == 0
-    assert set(whole.dataset.schema().names) == {"id", "image", "label"}
+    assert set(whole.dataset.schema().names) == {"id", "image", "valid_hw", "label"}
     _check_rows(_rows(whole.dataset), expected, "train")
 
     streamed = decoded_split(where, "train", materialize=False, shuffle_seed=3, **kw)
@@ -213,6 +213,16 @@ def test_ray_data_materialised_and_streamed(ray_session: None, where: str, fmt: 
 
     test = decoded_split(where, "test", materialize=False, **kw)
     _check_rows(_rows(test.dataset), expected, "val")
+
+    # data.train_decode=fit: whole images at the canvas's top-left, their size carried in valid_hw
+    fitted = decoded_split(where, "train", materialize=False, shuffle_seed=3, fit=True, **kw)
+    for r in _rows(fitted.dataset):
+        i = want_index = expected[str(r["id"])][0]
+        h, w = (int(v) for v in r["valid_hw"])
+        assert (h, w) == ((12, 16) if want_index % 3 else (16, 12)), (r["id"], h, w)  # 40x30 and 25x33 wholes
+        img = np.asarray(r["image"])
+        assert img[:, h:, :].max(initial=0) == 0 and img[:, :, w:].max(initial=0) == 0
+        assert np.abs(img[:, :h, :w].reshape(3, -1).mean(axis=1) - np.array(_colour(i, expected[str(r["id"])][1]))).max() <= 3
 
     part = decoded_split(where, "train", materialize=False, limit=7, **kw)
     assert part.rows == 7 and len(_rows(part.dataset)) == 7

@@ -74,7 +74,7 @@ def test_decoded_split_counts_corrupt(ray_session: None, with_corrupt: str, prep
     assert sorted(result.corrupt_ids) == BAD_IDS
     ds = result.dataset
     assert ds.count() == prepared_rows
-    assert set(ds.schema().names) == {"id", "image", "label"}
+    assert set(ds.schema().names) == {"id", "image", "valid_hw", "label"}
     batch = ds.take_batch(prepared_rows + 10, batch_format="numpy")
     assert not set(batch["id"].tolist()) & set(BAD_IDS)  # the ids of kept rows travel with them
     assert batch["image"].shape == (prepared_rows, 1, 28, 28)
