@@ -32,10 +32,13 @@ COMMON = {
     "augment.crop_min_start": 0.26, "augment.crop_min_end": 0.14, "augment.local_min_scale": 0.05,
     "augment.flip_p": 0.5, "augment.jitter_p": 0.8, "augment.brightness": 0.4, "augment.contrast": 0.4,
     "augment.saturation": 0.2, "augment.hue": 0.1, "augment.grayscale_p": 0.2, "augment.blur_p": [1.0, 0.1],
-    "augment.blur_sigma": [0.1, 2.0], "augment.blur_mode": "nominal", "augment.solarize_p": [0.0, 0.2],
+    "augment.blur_sigma": [0.1, 2.0], "augment.solarize_p": [0.0, 0.2],
     "model.projector_hidden": 2048, "model.projector_out": 256, "model.predictor_hidden": 2048,
     "model.use_predictor": True, "data.channels": 3, "data.mean": [0.485, 0.456, 0.406],
-    "data.std": [0.229, 0.224, 0.225], "data.materialize": False, "train.precision": "bf16", "train.use_gpu": True,
+    "data.std": [0.228, 0.224, 0.225], "data.materialize": False, "train.precision": "bf16", "train.use_gpu": True,
+    # the released code's behaviour where it differs from the paper text (README, "Faithfulness")
+    "augment.blur_mode": "authors", "augment.blur_kernel_size": 9, "augment.solarize_threshold": 0.50196,
+    "data.train_decode": "fit", "model.projector_batching": "joint",
 }
 TABLE = {
     RESNET: {**COMMON, "model.backbone": "resnet50", "train.epochs": 400, "optim.optimizer": "sgd",
