@@ -60,6 +60,8 @@ def main() -> int:
         "|---|---|---|---|",
         f"| kNN top-1 (k=20, T=0.07, 60k train → 10k test) | {summary['knn_top1']:.2f} % | ≥ 87 % | "
         f"{'yes' if checks['knn_top1'] else 'NO'} |",
+        f"| linear probe top-1 (frozen features, L-BFGS) | "
+        f"{summary['linear_top1']:.2f} % | | |" if "linear_top1" in summary else "| linear probe top-1 | not run | | |",
         f"| wall time of the whole command | {wall / 60:.1f} min | ≤ 30 min | {'yes' if checks['wall_minutes'] else 'NO'} |",
         f"| prototypes used (teacher argmax over the train split) | {100 * summary['prototypes_used']:.1f} % | ≥ 90 % | "
         f"{'yes' if checks['prototypes_used'] else 'NO'} |",

@@ -85,7 +85,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path) -> None:
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
-    ref = _train(0, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same summation order whatever earlier tests set
+    try:
+        ref = _train(0, 1)
+    finally:
+        torch.set_num_threads(threads)
 
     # the loss is a mean over samples, so the global loss is the mean of the ranks' losses
     torch.testing.assert_close((ranks[0]["losses"] + ranks[1]["losses"]) / 2, ref["losses"], atol=3e-5, rtol=1e-5)
@@ -94,7 +99,9 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path) -> None:
         for name, value in ref[key].items():
             # identical on both ranks, and equal to the single process up to float summation order
             torch.testing.assert_close(ranks[0][key][name], ranks[1][key][name], atol=1e-6, rtol=1e-6, msg=name)
-            torch.testing.assert_close(ranks[0][key][name], value, atol=2e-5, rtol=1e-4, msg=name)
+            # (float32 over 4 steps through batch norms: a different summation order moves weights ~1e-5 at
+            # 1 thread; seen up to 2.5e-5 on predictor weights of ~0.2)
+            torch.testing.assert_close(ranks[0][key][name], value, atol=5e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(ranks[0]["sizes"], ranks[1]["sizes"], atol=0, rtol=0)
     torch.testing.assert_close(ranks[0]["sizes"], ref["sizes"], atol=1e-6, rtol=0)
 

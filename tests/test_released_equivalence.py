@@ -84,14 +84,11 @@ def ref_training_match(teacher_views: int, student_views: list[int], predictor: 
     predictor outputs of all crops]. Teacher view i is matched with the student's direct output of every other
     global view and with indices n + j for every crop j, n = the number of crops (the predictor outputs).
     """
-    n = sum(student_views)
+    n_crops = sum(student_views)
     f = 2 if predictor else 1
-    matches = []
-    for tv in range(teacher_views):
-        m = [tv_ for tv_ in range(teacher_views) if tv_ != tv]
-        m += [tv_ + n for tv_ in range(n)]
-        matches.append(m)
-    return {"student_views": n * f, "teacher_views": teacher_views, "matches": matches}
+    predicted_outputs = list(range(n_crops, 2 * n_crops))
+    matches = [[g for g in range(teacher_views) if g != view] + predicted_outputs for view in range(teacher_views)]
+    return {"student_views": n_crops * f, "teacher_views": teacher_views, "matches": matches}
 
 
 def ref_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, match: dict, student_temp: float) -> torch.Tensor:
