@@ -61,6 +61,19 @@ class Prototypes(nn.Module):
         self.weight.copy_(F.normalize(centres.to(self.weight), dim=-1))
 
 
+def same_size_runs(crops: list[Tensor]) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of consecutive crops with the same height and width (e.g. the globals, then the locals)."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(crops):
+        j = i + 1
+        while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
 @dataclass
 class ViewScores:
     """Similarities [B, K] per crop: ``direct`` (projector → prototypes) and ``predicted`` (predictor →
@@ -91,16 +104,11 @@ class ExcbNetwork(nn.Module):
     def _features(self, crops: list[Tensor]) -> list[Tensor]:
         """Backbone features [B_i, D] per crop; consecutive crops of equal size go through the backbone together."""
         feats: list[Tensor] = []
-        i = 0
-        while i < len(crops):
-            j = i
-            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
-                j += 1
+        for i, j in same_size_runs(crops):
             x = torch.cat(crops[i:j])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats.extend(self.backbone(x).chunk(j - i))
-            i = j
         return feats
 
     def project(self, crops: list[Tensor]) -> list[Tensor]:
@@ -112,15 +120,7 @@ class ExcbNetwork(nn.Module):
         feats = self._features(crops)
         if self.projector_batching == "joint":
             return list(self.projector(torch.cat(feats)).split([f.shape[0] for f in feats]))
-        outs: list[Tensor] = []
-        i = 0
-        while i < len(feats):
-            j = i
-            while j < len(feats) and crops[j].shape[-2:] == crops[i].shape[-2:]:
-                j += 1
-            outs.extend(self.projector(torch.cat(feats[i:j])).chunk(j - i))
-            i = j
-        return outs
+        return [y for i, j in same_size_runs(crops) for y in self.projector(torch.cat(feats[i:j])).chunk(j - i)]
 
     def forward(self, crops: list[Tensor], num_global: int = 2) -> ViewScores:
         """Scores every crop; only the first ``num_global`` crops' direct scores train the prototypes."""
