@@ -48,7 +48,10 @@ TABLE = {
           "optim.lr": 0.002, "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4,
           "model.head_norm": "none", "model.drop_path": 0.1},
 }
-SHRINK = ["data.image_size=32", "augment.global_size=32", "augment.local_size=16", "model.num_prototypes=64",
+# 64/32 px, not smaller: at 32/16 px ResNet-50's last stage sees 1x1 maps, and with zero-initialised residual BN
+# the bf16 CPU backward of layer4.0.conv2 intermittently gave a NaN weight gradient (about 1 run in 4; never in 40
+# runs at 64/32 px, nor in fp32)
+SHRINK = ["data.image_size=64", "augment.global_size=64", "augment.local_size=32", "model.num_prototypes=64",
           "train.batch_size=4", "train.num_workers=1", "train.use_gpu=false", "train.epochs=2",
           "method.kmeans_samples=8", "data.path=unused"]
 
