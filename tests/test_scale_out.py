@@ -97,9 +97,10 @@ def test_two_workers_follow_one_worker(ray_session: None, shards: str, tmp_path:
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 0.15, (a["loss"], b["loss"])
         assert a["lr"] == pytest.approx(b["lr"])
     assert one["optimizer_steps"] == two["optimizer_steps"] == 3 * STEPS
-    # the size estimate is all-reduced: every rank checkpoints the same one, and it moved away from uniform
+    # the size estimate is all-reduced: every rank checkpoints the same one, and it moved away from uniform. Its sum
+    # is 1 up to float32 rounding of 93 EMA updates of 16 entries (CI measured 1 + 1.07e-6 once).
     state = read_state_dir(list_checkpoints(str(tmp_path / "two"))[-1])
-    assert state["balancer"]["sizes"].sum().item() == pytest.approx(1.0)
+    assert state["balancer"]["sizes"].sum().item() == pytest.approx(1.0, abs=1e-5)
     assert h2[-1]["estimate_max_cluster_share_x_uniform"] > 1.0
 
 
