@@ -35,7 +35,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from excb.config import load_config
-    from excb.pretrain import run_pretraining
+    from excb.run.pretrain import run_pretraining
 
     config = args.config or _default_config()
     cfg = load_config(config, args.overrides)  # validates before anything starts
@@ -44,7 +44,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     run_dir = summary["run_dir"]
     plots = []
     try:
-        from excb.report import plot_run
+        from excb.evaluation.report import plot_run
 
         plots = plot_run(run_dir)
     except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose a finished run over them
@@ -67,8 +67,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from excb.evaluate import evaluate_run
-    from excb.runfiles import write_summary, read_summary
+    from excb.evaluation.evaluate import evaluate_run
+    from excb.run.runfiles import read_summary, write_summary
     from excb.storage import exists, join
 
     result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
@@ -82,8 +82,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from excb.checkpoint import CheckpointError
-    from excb.export import ExportError, export_run
+    from excb.evaluation.export import ExportError, export_run
+    from excb.run.checkpoint import CheckpointError
 
     try:
         meta = export_run(args.run_dir, args.out)
@@ -95,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from excb.report import plot_run, plot_sweep
+    from excb.evaluation.report import plot_run, plot_sweep
     from excb.storage import exists, join
 
     is_sweep = exists(join(args.run_dir, "trials.csv"))
@@ -105,8 +105,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from excb.report import plot_sweep
-    from excb.sweep import load_sweep, run_sweep
+    from excb.evaluation.report import plot_sweep
+    from excb.run.sweep import load_sweep, run_sweep
 
     spec = load_sweep(args.config, args.overrides)  # validates before Ray starts
     name = args.name or Path(args.config).stem
@@ -123,8 +123,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from excb.bench import format_table, run_bench
     from excb.config import load_config
+    from excb.run.bench import format_table, run_bench
 
     if args.steps < 1 or args.warmup < 0:
         print("excb bench needs --steps >= 1 and --warmup >= 0", file=sys.stderr)
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over config keys (resumes a sweep of the same name)")
-    p.add_argument("--config", required=True, help="sweep YAML (see excb/sweep.py)")
+    p.add_argument("--config", required=True, help="sweep YAML (see excb/run/sweep.py)")
     p.add_argument("--storage-path", default="runs")
     p.add_argument("--name", default=None, help="sweep name (default: the sweep file's stem)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from excb.config import ConfigError
     from excb.data.errors import CorruptImageError, DatasetNotFoundError, ShardReadError
-    from excb.pretrain import TrainingError
+    from excb.run.pretrain import TrainingError
     from excb.storage import StorageError
 
     try:

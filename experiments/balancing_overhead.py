@@ -1,5 +1,5 @@
 """How much of a training step ExCB's balancing costs: the operator B with the target softmax ("balance" phase)
-plus the size-estimate update ("estimate" phase), as a share of the whole step (excb.engine.train_step with its
+plus the size-estimate update ("estimate" phase), as a share of the whole step (excb.method.step.train_step with its
 PhaseTimer), for the ConvNet, ResNet-18 and ResNet-50 at their default sizes and K from 1k to 64k.
 
     .venv/bin/python experiments/balancing_overhead.py [--out experiments/results/balancing_overhead_cpu.json]

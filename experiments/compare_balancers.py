@@ -12,7 +12,7 @@ How it is scaled to fit a 2-core machine (48 runs in well under 3 hours):
 - the learning rate scales linearly with the batch, lr = 0.3·B/256 (the recipe's lr is for 256), with a
   warm-up of 0.3 pseudo-epochs (10 % of the run, as the recipe's 1 of 15 epochs is 7 %); k-means sees 8,192
   images (32 per prototype);
-- runs use the project's own step (``excb.engine.train_step``) in a plain single-process loop, ``--jobs`` at a
+- runs use the project's own step (``excb.method.step.train_step``) in a plain single-process loop, ``--jobs`` at a
   time with one thread each, instead of one Ray Train job per run (Ray's start-up per run would add minutes
   and two 1-thread runs use the 2 cores better than one 2-thread run at small batches);
 - evaluation on the teacher: weighted kNN (k=20) and a linear probe with the first ``--eval-train`` training
@@ -60,9 +60,9 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
 
     from excb.config import load_config
     from excb.data.fashion_mnist import load_fashion_mnist
-    from excb.engine import build_rig, init_prototypes_kmeans
-    from excb.evaluate import evaluate_teacher
-    from excb.metrics import estimate_stats
+    from excb.evaluation.evaluate import evaluate_teacher
+    from excb.evaluation.metrics import estimate_stats
+    from excb.method.learner import ExcbLearner
 
     torch.set_num_threads(1)
     base = load_config(config)
@@ -74,26 +74,26 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
     train_x = torch.from_numpy(train_x[:, None].copy())
     test_x, test_y = torch.from_numpy(test_x[:eval_test, None].copy()), test_y[:eval_test]
     spe = images // (epochs * batch)
-    rig = build_rig(cfg, torch.device("cpu"), spe)  # torch and the view generator seeded with the run's seed
-    teacher, augment, gen = rig.teacher, rig.augment, rig.gen
+    learner = ExcbLearner(cfg, spe)  # torch and the view generator seeded with the run's seed
+    teacher, augment, gen = learner.teacher, learner.augment, learner.gen
     t0 = time.time()
     order = torch.randperm(len(train_x), generator=gen)
-    init_prototypes_kmeans(cfg, rig.student, teacher, (train_x[order[i:i + 256]] for i in range(0, len(order), 256)),
-                           augment, gen, cfg.method.kmeans_samples)
+    learner.init_prototypes((train_x[order[i:i + 256]] for i in range(0, len(order), 256)), cfg.method.kmeans_samples)
     stream = torch.cat([torch.randperm(len(train_x), generator=gen) for _ in range(-(-images // len(train_x)) + 1)])
     losses = []
     for epoch in range(epochs):
         for _ in range(spe):
-            idx = stream[rig.step * batch:(rig.step + 1) * batch]
-            losses.append(rig.run(train_x[idx], epoch=epoch).loss)
+            idx = stream[learner.global_step * batch:(learner.global_step + 1) * batch]
+            losses.append(learner.step(train_x[idx], epoch=epoch).loss)
     train_seconds = time.time() - t0
     n = min(eval_train, len(train_x))
     ev = evaluate_teacher(teacher, augment, train_x[:n], train_y[:n], test_x, test_y,
                           k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     row: dict[str, Any] = {
-        "method": method, "batch": batch, "seed": seed, "images_seen": rig.step * batch, "steps": rig.step,
+        "method": method, "batch": batch, "seed": seed, "images_seen": learner.global_step * batch,
+        "steps": learner.global_step,
         "lr": cfg.optim.lr, "train_seconds": train_seconds, "eval_seconds": time.time() - t0 - train_seconds,
-        "final_loss": float(np.mean(losses[-max(1, spe // 4):])), **ev, **estimate_stats(rig.balancer.sizes),
+        "final_loss": float(np.mean(losses[-max(1, spe // 4):])), **ev, **estimate_stats(learner.balancer.sizes),
     }
     run_dir = out / run_name(method, batch, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,12 +223,12 @@ def write_shares(out: Path, config: str, eval_train: int) -> None:
     """Per-run assignment shares of the train subset (for the share plot), from the saved teachers."""
     import torch
 
-    from excb.augment import MultiCropAugment
     from excb.config import load_config
     from excb.data.fashion_mnist import load_fashion_mnist
-    from excb.evaluate import extract_features
-    from excb.metrics import assignment_shares
-    from excb.model import build_student_teacher
+    from excb.evaluation.evaluate import extract_features
+    from excb.evaluation.metrics import assignment_shares
+    from excb.method.augment import MultiCropAugment
+    from excb.method.model import build_student_teacher
 
     x = None
     for teacher_path in sorted(out.glob("*-s0/teacher.pt")):

@@ -1,6 +1,6 @@
 """ExCB in a plain single-process PyTorch loop on in-memory Fashion-MNIST (no Ray).
 
-Uses exactly the project's training step (``excb.engine.train_step``). Two uses: quick recipe exploration, and
+Uses exactly the project's learner and training step (``excb.method.learner.ExcbLearner``). Two uses: quick recipe exploration, and
 the reference a Ray Train run's throughput is compared with.
 
     .venv/bin/python experiments/plain_loop.py --config experiments/fashion_mnist.yaml train.epochs=2
@@ -17,10 +17,10 @@ import torch
 
 from excb.config import load_config
 from excb.data.fashion_mnist import load_fashion_mnist
-from excb.engine import build_rig, init_prototypes_kmeans
-from excb.evaluate import extract_features
-from excb.metrics import estimate_stats, knn_top1
-from excb.schedules import steps_per_epoch
+from excb.evaluation.evaluate import extract_features
+from excb.evaluation.metrics import estimate_stats, knn_top1
+from excb.method.learner import ExcbLearner
+from excb.method.schedules import steps_per_epoch
 
 
 def main() -> None:
@@ -42,20 +42,19 @@ def main() -> None:
         train_x, train_y = train_x[: cfg.data.limit], train_y[: cfg.data.limit]
     bs = cfg.train.batch_size
     spe = steps_per_epoch(len(train_x), bs)
-    rig = build_rig(cfg, torch.device("cpu"), spe)
-    teacher, balancer, augment, gen = rig.teacher, rig.balancer, rig.augment, rig.gen
+    learner = ExcbLearner(cfg, spe)
+    teacher, balancer, augment, gen = learner.teacher, learner.balancer, learner.augment, learner.gen
     t0 = time.time()
     if cfg.method.kmeans_init:
         perm = torch.randperm(len(train_x), generator=gen)
-        init_prototypes_kmeans(cfg, rig.student, teacher, (train_x[perm[i:i + bs]] for i in range(0, len(perm), bs)),
-                               augment, gen, cfg.method.kmeans_samples)
+        learner.init_prototypes((train_x[perm[i:i + bs]] for i in range(0, len(perm), bs)), cfg.method.kmeans_samples)
     print(f"kmeans {time.time() - t0:.1f}s", flush=True)
     for epoch in range(cfg.train.epochs):
         te = time.time()
         perm = torch.randperm(len(train_x), generator=gen)
         losses = []
         for i in range(spe):
-            stats = rig.run(train_x[perm[i * bs:(i + 1) * bs]], epoch=epoch)
+            stats = learner.step(train_x[perm[i * bs:(i + 1) * bs]], epoch=epoch)
             losses.append(stats.loss)
         dt = time.time() - te
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "img_s": spe * bs / dt,
@@ -72,7 +71,7 @@ def main() -> None:
     ftr, atr = extract_features(teacher, augment, train_x)
     fte, _ = extract_features(teacher, augment, test_x)
     acc = knn_top1(ftr, torch.from_numpy(train_y[: len(ftr)]), fte, torch.from_numpy(test_y))
-    from excb.metrics import assignment_shares, share_stats
+    from excb.evaluation.metrics import assignment_shares, share_stats
     print(json.dumps({"final_knn": acc, "minutes": (time.time() - t0) / 60,
                       **share_stats(assignment_shares(atr, cfg.model.num_prototypes))}), flush=True)
 

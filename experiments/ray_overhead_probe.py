@@ -20,17 +20,17 @@ CONFIG = str(ROOT / "experiments" / "fashion_mnist.yaml")
 
 def timing(tag: str) -> dict:
     """ms per step of the synthetic step in the calling process/thread, with its thread settings."""
-    from excb.engine import build_rig
     from excb.config import load_config
+    from excb.method.learner import ExcbLearner
 
     cfg = load_config(CONFIG, ["method.kmeans_init=false"])
     torch.set_num_threads(2)
-    rig = build_rig(cfg, torch.device("cpu"), 60)
+    learner = ExcbLearner(cfg, 60)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8, generator=g)
-    for _ in range(4): rig.run(x)
+    for _ in range(4): learner.step(x)
     t = time.perf_counter()
-    for _ in range(15): rig.run(x)
+    for _ in range(15): learner.step(x)
     dt = (time.perf_counter() - t) / 15
     info = dict(tag=tag, ms=round(1000 * dt, 1), threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"),
                 mkl=os.environ.get("MKL_NUM_THREADS"), main=threading.current_thread() is threading.main_thread(),
@@ -51,7 +51,8 @@ if __name__ == "__main__":
     a = A.remote()
     print(ray.get(a.run.remote()))
     print(ray.get(a.run_thread.remote()))
-    import ray.train, ray.train.torch
+    import ray.train
+    import ray.train.torch
     from ray.train.torch import TorchTrainer
     def loop(config):
         print(timing("train-worker"), file=sys.__stdout__, flush=True)

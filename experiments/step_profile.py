@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from excb.config import load_config  # noqa: E402
-from excb.engine import PhaseTimer, build_rig  # noqa: E402
+from excb.method.learner import ExcbLearner
+from excb.method.step import PhaseTimer  # noqa: E402
 
 RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=224", "data.mean=[0.485,0.456,0.406]",
                 "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",
@@ -52,14 +53,14 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
         config, spec = spec[1], spec[2:]
     compile_flag = ["train.compile=true"] if compile_model else []
     cfg = load_config(ROOT / config if config else None, [*spec, *compile_flag])
-    rig = build_rig(cfg, device, 2 * steps + 10)  # views drawn with a CPU generator, as in training
+    learner = ExcbLearner(cfg, 2 * steps + 10, device=device)  # views drawn with a CPU generator, as in training
     b, c, s = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
-    x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=rig.gen).to(device)
+    x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=learner.gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
     for _ in range(3):
-        rig.run(x)
+        learner.step(x)
     warmup_s = time.perf_counter() - t_warm
 
     def sync() -> None:
@@ -69,12 +70,12 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        stats = rig.run(x)
+        stats = learner.step(x)
     sync()
     per_step = (time.perf_counter() - t0) / steps
     timer = PhaseTimer(device)
     for _ in range(steps):
-        rig.run(x, timer=timer)
+        learner.step(x, timer=timer)
     phases = {k: v / steps for k, v in timer.seconds.items()}
     total = sum(phases.values())
     out = {"setting": label, "overrides": spec, "config": config, "device": str(device),

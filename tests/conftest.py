@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netutil import free_port
+from testkit.net import free_port
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

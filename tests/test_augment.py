@@ -1,12 +1,18 @@
-"""Batched multi-crop views with per-sample random parameters (excb.augment)."""
+"""Batched multi-crop views with per-sample random parameters (excb.method.augment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from excb.augment import MultiCropAugment, gaussian_blur, random_resized_crop, sample_crop_boxes, solarize
 from excb.config import AugmentConfig
+from excb.method.augment import (
+    MultiCropAugment,
+    gaussian_blur,
+    random_resized_crop,
+    sample_crop_boxes,
+    solarize,
+)
 
 
 def _images(b: int = 16, c: int = 1, s: int = 28) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""The ExCB operator and size estimate (excb.balancing)."""
+"""The ExCB operator and size estimate (excb.method.balancing)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from excb.balancing import ClusterBalancer, assignment_histogram, balance_similarities
+from excb.method.balancing import (
+    ClusterBalancer,
+    assignment_histogram,
+    balance_similarities,
+)
 
 
 def test_worked_example_from_method_page() -> None:

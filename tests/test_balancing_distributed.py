@@ -8,10 +8,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from testkit.net import free_port
 
-from excb.balancing import ClusterBalancer
-from excb.kmeans import initial_centres, spherical_kmeans
-from netutil import free_port
+from excb.method.balancing import ClusterBalancer
+from excb.method.kmeans import initial_centres, spherical_kmeans
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -42,7 +42,7 @@ def test_all_ranks_hold_the_same_estimate(tmp_path) -> None:
     # the estimate equals the single-process update with the mean of both ranks' histograms
     ref = ClusterBalancer(num_clusters=6, momentum=0.9)
     gens = [torch.Generator().manual_seed(100 + r) for r in range(world)]
-    from excb.balancing import assignment_histogram
+    from excb.method.balancing import assignment_histogram
 
     for _ in range(5):
         hists = [assignment_histogram(torch.rand(32, 6, generator=g) ** (4 + 4 * r)) for r, g in enumerate(gens)]

@@ -1,4 +1,4 @@
-"""The baselines behind the Balancer interface (excb.baselines), each against its own published equations."""
+"""The baselines behind the Balancer interface (excb.method.baselines), each against its own published equations."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from testkit.net import free_port
 
-from excb.balancing import ClusterBalancer
-from excb.baselines import CenteringBalancer, NoBalancer, SinkhornBalancer, build_balancer, sinkhorn_knopp
-from excb.config import ConfigError, load_config
-from netutil import free_port
+from excb.config import BALANCERS, ConfigError, load_config
+from excb.method.balancing import ClusterBalancer
+from excb.method.baselines import (
+    BALANCER_REGISTRY,
+    CenteringBalancer,
+    NoBalancer,
+    SinkhornBalancer,
+    build_balancer,
+    sinkhorn_knopp,
+)
 
 
 def _z(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -80,14 +87,14 @@ def test_sinkhorn_three_iterations_match_a_direct_implementation_of_swav_algorit
         q /= b
     ref = (q * b).T
     torch.testing.assert_close(sinkhorn_knopp(z, 0.05, 3).double(), ref, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(SinkhornBalancer(5, 0.05, 3).targets(z.float(), 0.04).double(), ref,
+    torch.testing.assert_close(SinkhornBalancer(5, epsilon=0.05, iterations=3).targets(z.float(), 0.04).double(), ref,
                                rtol=1e-4, atol=1e-6)
 
 
 def test_every_balancer_tracks_the_hard_assignment_estimate() -> None:
     z = _z(64, 4, seed=5)
-    for b in (NoBalancer(4, 0.5), CenteringBalancer(4, 0.9, 0.5), SinkhornBalancer(4, momentum=0.5),
-              ClusterBalancer(4, 0.5)):
+    for b in (NoBalancer(4, momentum=0.5), CenteringBalancer(4, center_momentum=0.9, momentum=0.5),
+              SinkhornBalancer(4, momentum=0.5), ClusterBalancer(4, momentum=0.5)):
         p = b.targets(z, 0.04)
         b.observe(z, p)
         hist = torch.bincount(p.argmax(1), minlength=4).float() / 64
@@ -104,8 +111,12 @@ def test_build_balancer_follows_the_config() -> None:
         assert type(b) is cls and b.num_clusters == 16
     assert build_balancer(load_config(None, ["method.balancer=centering", "method.center_momentum=0.8"])) \
         .center_momentum == 0.8
-    s = build_balancer(load_config(None, ["method.balancer=sinkhorn", "method.sinkhorn_epsilon=0.03"]))
-    assert s.epsilon == 0.03
+    s = build_balancer(load_config(None, ["method.balancer=sinkhorn", "method.sinkhorn_epsilon=0.03",
+                                          "method.sinkhorn_iters=5", "method.balance_momentum=0.9"]))
+    assert (s.epsilon, s.iterations, s.momentum) == (0.03, 5, 0.9)
+    e = build_balancer(load_config(None, ["method.argmax_boost=1.2", "method.balance_momentum=0.8"]))
+    assert (e.argmax_boost, e.momentum) == (1.2, 0.8)
+    assert BALANCER_REGISTRY.names() == BALANCERS  # what the config accepts is what the registry builds
     with pytest.raises(ConfigError, match="method.balancer"):
         load_config(None, ["method.balancer=swav"])
     with pytest.raises(ConfigError, match="method.sinkhorn_epsilon"):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit.configs import TINY
 
-from excb.bench import PHASES, steady_epoch
 from excb.cli import main as cli_main
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.engine import build_rig
-from excb.model import build_student_teacher
-from excb.scaling import plan_for
-from tiny import TINY
+from excb.method.learner import ExcbLearner
+from excb.method.model import build_student_teacher
+from excb.run.bench import PHASES, steady_epoch
+from excb.run.scaling import plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,15 +85,15 @@ def test_max_steps_per_epoch_caps_the_plan() -> None:
 def test_compiled_backbones_train_with_a_finite_loss() -> None:
     cfg = load_config(None, [*TINY, "train.compile=true", "train.batch_size=16"])
     torch.set_num_threads(1)
-    rig = build_rig(cfg, torch.device("cpu"), total_steps=4)
+    learner = ExcbLearner(cfg, 4, device=torch.device("cpu"))
     eager_student, _ = build_student_teacher(load_config(None, TINY))
-    assert set(rig.student.state_dict()) == set(eager_student.state_dict())  # in place: checkpoint keys unchanged
+    assert set(learner.student.state_dict()) == set(eager_student.state_dict())  # in place: checkpoint keys unchanged
     x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    losses = [rig.run(x).loss for _ in range(2)]
+    losses = [learner.step(x).loss for _ in range(2)]
     assert all(math.isfinite(v) for v in losses)
-    backbone = rig.teacher.backbone
+    backbone = learner.teacher.backbone
     assert backbone._compiled_call_impl is not None
-    views = rig.augment(x, 0.5, torch.Generator().manual_seed(1))
+    views = learner.augment(x, 0.5, torch.Generator().manual_seed(1))
     both = torch.cat(views[:2]).contiguous(memory_format=torch.channels_last)  # the teacher's input in a step
     with torch.no_grad():  # the compiled module computes what the eager forward computes
         torch.testing.assert_close(backbone(both), backbone.forward(both), atol=1e-4, rtol=1e-4)

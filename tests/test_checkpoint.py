@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.checkpoint import (CheckpointError, checkpoint_dir_name, list_checkpoints, load_latest, read_state_dir,
-                             write_state_dir)
+from excb.run.checkpoint import (
+    CheckpointError,
+    checkpoint_dir_name,
+    list_checkpoints,
+    load_latest,
+    read_state_dir,
+    write_state_dir,
+)
 
 
 def _write(run: Path, epoch: int) -> Path:
@@ -44,7 +50,7 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path: Path, damage: str, cap
         (bad / "state.pt").unlink()
     with pytest.raises(CheckpointError, match="checkpoint_epoch0002"):
         read_state_dir(str(bad))
-    with caplog.at_level(logging.WARNING, logger="excb.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="excb.run.checkpoint"):
         state, where = load_latest(list_checkpoints(str(tmp_path)))
     assert Path(where).name == "checkpoint_epoch0001" and state["epoch"] == 1
     assert "checkpoint_epoch0002" in caplog.text

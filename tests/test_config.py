@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_configs_load() -> None:
-    from excb.sweep import load_sweep
+    from excb.run.sweep import load_sweep
 
     paths = sorted((ROOT / "experiments").glob("*.yaml"))
     assert paths

@@ -1,7 +1,7 @@
 """Data parallelism is exact: 2 gloo ranks with batch B each train like 1 process with batch 2B.
 
 Real DDP (gradient all-reduce), batch norm over the global batch (student and teacher) and the all-reduced size
-estimate, through the same ``train_step`` the Ray worker runs. Views come from a deterministic view function, so
+estimate, through the same learner (``ExcbLearner``) the Ray worker steps. Views come from a deterministic view function, so
 both set-ups see the very same crops of the very same images. The ×1.01 argmax boost is switched off here: it is
 discontinuous, so a near-tie that float summation order resolves differently flips a target (measured: the loss
 then drifts by ~1e-3 after 4 steps, against ~1e-5 without the boost).
@@ -15,16 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from testkit.net import free_port
 from torch import Tensor
 
-from excb.balancing import ClusterBalancer
 from excb.config import ExcbConfig, load_config
 from excb.data import load_fashion_mnist
-from excb.engine import build_optimizer, train_step
-from excb.model import build_student_teacher, unwrap
-from excb.schedules import build_schedules
-from excb.syncbn import GlobalBatchNorm, convert_global_batchnorm
-from netutil import free_port
+from excb.method.learner import ExcbLearner
+from excb.method.syncbn import GlobalBatchNorm, convert_global_batchnorm
 
 B = 16  # per-rank batch
 STEPS = 4
@@ -52,24 +49,18 @@ def _images() -> Tensor:
 
 def _train(rank: int, world: int) -> dict[str, object]:
     """STEPS steps; rank r of ``world`` takes its contiguous slice of each 2B-image batch."""
-    cfg = _cfg()
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
-    if world > 1:
-        student = convert_global_batchnorm(student, "cpu")
-        teacher = convert_global_batchnorm(teacher, "cpu")
-        student = torch.nn.parallel.DistributedDataParallel(student)
-    balancer = ClusterBalancer(cfg.model.num_prototypes, cfg.method.balance_momentum, cfg.method.argmax_boost)
-    opt = build_optimizer(cfg, student)
-    sched = build_schedules(cfg, steps_per_epoch=STEPS)
+    cfg = _cfg()  # train.seed 0: every rank starts from the same weights
+    wrap = torch.nn.parallel.DistributedDataParallel if world > 1 else None
+    learner = ExcbLearner(cfg, steps_per_epoch=STEPS, global_batchnorm=world > 1, wrap_student=wrap)
+    learner.augment = _views
     images, per = _images(), 2 * B // world
     losses = []
     for step in range(STEPS):
         batch = images[step * 2 * B:(step + 1) * 2 * B][rank * per:(rank + 1) * per]
-        stats = train_step(cfg, student, teacher, balancer, opt, _views, sched, batch, step, 0, torch.Generator())
+        stats = learner.step(batch, 0, torch.Generator())
         losses.append(stats.loss)
-    return {"losses": torch.tensor(losses), "student": unwrap(student).state_dict(),
-            "teacher": teacher.state_dict(), "sizes": balancer.sizes.clone()}
+    return {"losses": torch.tensor(losses), "student": learner.network.state_dict(),
+            "teacher": learner.teacher.state_dict(), "sizes": learner.balancer.sizes.clone()}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -1,6 +1,6 @@
 """Elastic training on a simulated two-node cluster (``ray.cluster_utils.Cluster``): a node is removed during
 training and the run continues with one worker from its last checkpoint; the node comes back and the run grows
-to two workers again. Batch, learning rate and steps follow the documented policy (excb.scaling)."""
+to two workers again. Batch, learning rate and steps follow the documented policy (excb.run.scaling)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit.configs import TINY
 
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.pretrain import run_pretraining
-from excb.runfiles import read_metrics
-from excb.scaling import plan_for
-from excb.schedules import build_schedules
-from tiny import TINY
+from excb.method.schedules import build_schedules
+from excb.run.pretrain import run_pretraining
+from excb.run.runfiles import read_metrics
+from excb.run.scaling import plan_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

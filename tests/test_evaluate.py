@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testkit.fake_run import make_run
 
-from excb.augment import MultiCropAugment
 from excb.cli import main as cli_main
-from excb.evaluate import evaluate_teacher
-from fake_run import make_run
+from excb.evaluation.evaluate import evaluate_teacher
+from excb.method.augment import MultiCropAugment
 
 CONVNET = ["model.backbone=convnet", "model.convnet_widths=[8,16]", "model.convnet_pool=2", "data.channels=1",
            "augment.global_size=28"]

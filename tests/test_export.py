@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from testkit.fake_run import make_run
 from torch import nn
 
-from excb.augment import MultiCropAugment
-from excb.backbones import build_backbone
 from excb.cli import main as cli_main
-from excb.evaluate import extract_features
-from excb.export import export_run
-from fake_run import make_run
+from excb.evaluation.evaluate import extract_features
+from excb.evaluation.export import export_run
+from excb.method.augment import MultiCropAugment
+from excb.method.backbones import build_backbone
 
 CONVNET = ["model.backbone=convnet", "model.convnet_widths=[8,16]", "model.convnet_pool=2", "data.channels=1",
            "augment.global_size=20"]
@@ -135,7 +135,7 @@ def test_export_without_checkpoint_fails_cleanly(tmp_path: Path, capsys: pytest.
 
 
 def test_export_vit_loads_into_build_backbone_and_the_standalone_model(tmp_path: Path) -> None:
-    from excb import standalone_features
+    from excb.evaluation import standalone_features
 
     run = str(tmp_path / "run")
     _, teacher, cfg = make_run(run, ["model.backbone=vit_s16", "data.channels=1", "augment.global_size=32",
@@ -149,3 +149,46 @@ def test_export_vit_loads_into_build_backbone_and_the_standalone_model(tmp_path:
             model.load_state_dict(weights, strict=True)
             torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
     assert meta["feature_dim"] == 384 and meta["torchvision"] is None
+
+
+TORCHVISION_MODELS = [
+    ["model.backbone=torchvision:convnext_tiny", "data.channels=1", "augment.global_size=32"],
+    ["model.backbone=torchvision:mobilenet_v3_small", "data.channels=3", "data.mean=[0.5,0.4,0.3]",
+     "data.std=[0.2,0.25,0.3]", "augment.global_size=32"],
+]
+
+
+@pytest.mark.parametrize("overrides", TORCHVISION_MODELS, ids=["convnext_tiny-gray", "mobilenet_v3_small-rgb"])
+def test_torchvision_backbones_export_and_load_strictly(tmp_path: Path, overrides: list[str]) -> None:
+    """A ``torchvision:<model>`` backbone exports under torchvision's own key names: the weights load with
+    strict=True into ``torchvision.models.get_model(<model>)`` whose last Linear is Identity (as export.json says),
+    and through the exported features.py; both give the teacher backbone's features."""
+    run = str(tmp_path / "run")
+    _, teacher, cfg = make_run(run, overrides)
+    meta = export_run(run)
+    out = tmp_path / "run" / "export"
+    name = cfg.model.backbone.split(":", 1)[1]
+    assert meta["torchvision"]["constructor"] == f"torchvision.models.get_model({name!r})"
+    weights = torch.load(out / "backbone.pt", weights_only=True)
+    model = torchvision.models.get_model(name, weights=None)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model.get_submodule(linears[-1].rpartition(".")[0]).__setattr__(linears[-1].rpartition(".")[2], nn.Identity())
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    sys.path.insert(0, str(out))
+    try:
+        import features  # the exported features.py
+        standalone = features.load_backbone(str(out))
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("features", None)
+    size, c = cfg.augment.global_size, cfg.data.channels
+    x = torch.randn(3, c, size, size)
+    with torch.no_grad():
+        expected = teacher.backbone(x)
+        got = model(x.expand(-1, 3, -1, -1))
+        via_features = standalone(x.expand(-1, 3, -1, -1))
+    assert got.shape == (3, meta["feature_dim"]) == (3, teacher.backbone.out_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_features, expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 1e-3

@@ -1,4 +1,4 @@
-"""Spherical k-means (excb.kmeans); the distributed path is in test_balancing_distributed.py."""
+"""Spherical k-means (excb.method.kmeans); the distributed path is in test_balancing_distributed.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excb.kmeans import initial_centres, spherical_kmeans, split_quotas
+from excb.method.kmeans import initial_centres, spherical_kmeans, split_quotas
 
 
 def _row_indices(rows: torch.Tensor, data: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""View pairing and the cross-entropy (excb.loss)."""
+"""View pairing and the cross-entropy (excb.method.loss)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from excb.loss import excb_loss, view_pairs
+from excb.method.loss import excb_loss, view_pairs
 
 
 def test_pairs_with_predictor_two_globals_six_locals() -> None:

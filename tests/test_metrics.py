@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from excb.embedding import embed_2d, plot_embedding
-from excb.metrics import (
+from excb.evaluation.embedding import embed_2d, plot_embedding
+from excb.evaluation.metrics import (
     ari,
     cluster_acc_hungarian,
     cluster_acc_majority,

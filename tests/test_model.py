@@ -1,13 +1,13 @@
-"""Backbones, heads, prototypes and the EMA teacher (excb.model, excb.backbones)."""
+"""Backbones, heads, prototypes and the EMA teacher (excb.method.model, excb.method.backbones)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from excb.backbones import build_backbone
 from excb.config import load_config
-from excb.model import build_student_teacher, ema_update, parameter_groups
+from excb.method.backbones import build_backbone
+from excb.method.model import build_student_teacher, ema_update, parameter_groups
 
 
 @pytest.mark.parametrize("name,channels,size,dim", [
@@ -120,7 +120,7 @@ def test_projector_batch_norm_covers_all_crops_together() -> None:
 def test_prototype_similarities_are_fp32_under_bf16_autocast() -> None:
     """Normalisation and z = <h/|h|, v/|v|> run in fp32 even inside bf16 autocast: in bf16, cosines near 0.7
     are 0.004 apart and the argmax ties among many prototypes."""
-    from excb.model import Prototypes
+    from excb.method.model import Prototypes
 
     torch.manual_seed(0)
     protos = Prototypes(16, 4096)

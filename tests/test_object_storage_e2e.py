@@ -9,15 +9,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from testkit.configs import TINY
 
 import excb.storage
-from excb.checkpoint import list_checkpoints, read_state_dir
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.pretrain import run_pretraining
-from excb.runfiles import read_metrics, read_summary
+from excb.run.checkpoint import list_checkpoints, read_state_dir
+from excb.run.pretrain import run_pretraining
+from excb.run.runfiles import read_metrics, read_summary
 from excb.storage import StorageError, read_text
-from tiny import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

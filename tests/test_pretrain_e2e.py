@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from testkit.configs import TINY
 
-from excb.checkpoint import list_checkpoints, read_state_dir
 from excb.cli import main as cli_main
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.evaluate import evaluate_run
-from excb.pretrain import TrainingError, run_pretraining
-from excb.report import plot_run
-from excb.runfiles import read_metrics, read_summary
-from tiny import TINY
+from excb.evaluation.evaluate import evaluate_run
+from excb.evaluation.report import plot_run
+from excb.run.checkpoint import list_checkpoints, read_state_dir
+from excb.run.pretrain import TrainingError, run_pretraining
+from excb.run.runfiles import read_metrics, read_summary
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

@@ -1,6 +1,6 @@
 """The paper recipes (experiments/imagenet_*.yaml): every value of the method page's table, and two real
 optimisation steps with the recipe's own backbone (ResNet-50 / ViT-S/16), shrunk only through command-line-style
-overrides of image size, K, batch and device, through :func:`excb.engine.train_step` (the Ray worker's step)."""
+overrides of image size, K, batch and device, through :class:`excb.method.learner.ExcbLearner` (what the Ray worker steps)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.augment import MultiCropAugment
-from excb.baselines import build_balancer
 from excb.config import load_config
-from excb.engine import build_optimizer, train_step
-from excb.model import build_student_teacher
-from excb.schedules import build_schedules
+from excb.method.learner import ExcbLearner
+from excb.method.model import build_student_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET = ROOT / "experiments" / "imagenet_resnet50_ep400.yaml"
@@ -78,26 +75,22 @@ def test_recipe_matches_the_method_table(recipe: Path) -> None:
 def test_recipe_trains_two_steps_with_its_backbone(recipe: Path) -> None:
     cfg = load_config(recipe, SHRINK)
     assert cfg.train.precision == "bf16"  # kept: bf16 autocast runs on CPU too
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
+    learner = ExcbLearner(cfg, steps_per_epoch=2)
+    assert learner.autocast_dtype is torch.bfloat16
+    student, teacher, balancer = learner.student, learner.teacher, learner.balancer
     name = type(student.backbone).__name__
     assert name == ("ViTBackbone" if cfg.model.backbone == "vit_s16" else "TorchvisionResNet")
     if cfg.model.drop_path:  # the student has stochastic depth, the teacher none
         rates = [m.drop_path_rate for m in student.backbone.modules() if hasattr(m, "drop_path_rate")]
         assert len(rates) == 12 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
         assert all(m.drop_path_rate == 0.0 for m in teacher.backbone.modules() if hasattr(m, "drop_path_rate"))
-    balancer = build_balancer(cfg)
-    optimizer = build_optimizer(cfg, student)
-    schedules = build_schedules(cfg, steps_per_epoch=2)
-    augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     before = copy.deepcopy(student.state_dict())
     teacher_before = copy.deepcopy(teacher.state_dict())
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg.train.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
     sizes0 = balancer.sizes.clone()
     for step in range(2):
-        stats = train_step(cfg, student, teacher, balancer, optimizer, augment, schedules, images, step, 0, gen,
-                           autocast_dtype=torch.bfloat16)
+        stats = learner.step(images, 0, gen)
         assert torch.isfinite(torch.tensor(stats.loss)), step
     changed = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("prototypes.") for k in changed)

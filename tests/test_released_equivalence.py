@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from excb.balancing import ClusterBalancer, balance_similarities
 from excb.config import ConfigError, load_config
-from excb.engine import apply_schedule, build_optimizer
-from excb.loss import excb_loss, view_pairs
-from excb.model import build_student_teacher
-from excb.schedules import build_schedules
+from excb.method.balancing import ClusterBalancer, balance_similarities
+from excb.method.loss import excb_loss, view_pairs
+from excb.method.model import build_student_teacher
+from excb.method.schedules import build_schedules
+from excb.method.step import apply_schedule, build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET = ROOT / "experiments" / "imagenet_resnet50_ep400.yaml"
@@ -268,7 +268,7 @@ def test_reference_operator_reproduces_the_method_page_example() -> None:
 @pytest.mark.parametrize("k,n,seed", [(2, 8, 0), (10, 33, 1), (257, 16, 2), (1000, 5, 3)])
 def test_balance_similarities_equals_released_centering(k: int, n: int, seed: int) -> None:
     """engine/criterion.py, ClusteringLoss.centering_modifiers + ClusteringLoss.centering vs
-    excb.balancing.balance_similarities(z, sizes, argmax_boost=1.01)."""
+    excb.method.balancing.balance_similarities(z, sizes, argmax_boost=1.01)."""
     rng = np.random.default_rng(seed)
     z = rng.uniform(-1, 1, (n, k))
     z[0] = -rng.uniform(0.1, 1, k)  # a row whose maximum is negative: the 1.01 boost pushes it further down
@@ -285,7 +285,7 @@ def test_balance_similarities_equals_released_centering(k: int, n: int, seed: in
 @pytest.mark.parametrize("k,b,seed", [(10, 4, 0), (64, 8, 1), (300, 16, 2)])
 def test_cluster_balancer_targets_equal_released_teacher_targets(k: int, b: int, seed: int) -> None:
     """engine/criterion.py, ClusteringLoss.centering + ClusteringLoss.apply_teacher_temp on [views, batch, K]
-    vs excb.balancing.ClusterBalancer.targets(z, 0.04) per global view."""
+    vs excb.method.balancing.ClusterBalancer.targets(z, 0.04) per global view."""
     rng = np.random.default_rng(seed)
     z = rng.uniform(-1, 1, (2, b, k))
     balancer = ClusterBalancer(k, momentum=0.999, argmax_boost=1.01).double()
@@ -304,7 +304,7 @@ def test_cluster_balancer_targets_equal_released_teacher_targets(k: int, b: int,
                                                (7, 8, 0.5, 3)])
 def test_size_estimate_follows_released_update_center(k: int, b: int, momentum: float, seed: int) -> None:
     """engine/criterion.py, ClusteringLoss.update_center (after ClusteringLoss.centering and apply_teacher_temp)
-    over 12 steps with 2 global views vs excb.balancing.ClusterBalancer.targets + observe. The similarities are
+    over 12 steps with 2 global views vs excb.method.balancing.ClusterBalancer.targets + observe. The similarities are
     skewed towards a few clusters so the estimate moves away from uniform and the operator changes labels."""
     rng = np.random.default_rng(seed)
     balancer = ClusterBalancer(k, momentum=momentum, argmax_boost=1.01)
@@ -340,7 +340,7 @@ def _pairs_from_match(match: dict, num_crops: int) -> set[tuple[int, str, int]]:
 
 @pytest.mark.parametrize("num_local", [6, 2, 0])
 def test_view_pairs_equal_released_training_match(num_local: int) -> None:
-    """engine/trainer.py, Trainer.unroll_batch (training_match, predictor on) vs excb.loss.view_pairs."""
+    """engine/trainer.py, Trainer.unroll_batch (training_match, predictor on) vs excb.method.loss.view_pairs."""
     n = 2 + num_local
     match = ref_training_match(2, [2, num_local] if num_local else [2], predictor=True)
     pairs = view_pairs(2, n, True)
@@ -362,7 +362,7 @@ def test_released_pairs_without_predictor_drop_local_crops() -> None:
 @pytest.mark.parametrize("k,b,num_local,seed", [(10, 4, 6, 0), (64, 8, 6, 1), (16, 3, 2, 2), (10, 5, 0, 3)])
 def test_excb_loss_equals_released_loss(k: int, b: int, num_local: int, seed: int) -> None:
     """engine/criterion.py, ClusteringLoss.forward (loss over training_match from engine/trainer.py,
-    Trainer.unroll_batch) vs excb.loss.excb_loss(teacher_probs, direct, predicted, 0.1): value and gradients
+    Trainer.unroll_batch) vs excb.method.loss.excb_loss(teacher_probs, direct, predicted, 0.1): value and gradients
     with respect to every student output."""
     gen = torch.Generator().manual_seed(seed)
     n = 2 + num_local
@@ -412,7 +412,7 @@ def _weighted_sum(direct: list[torch.Tensor], predicted: list[torch.Tensor], see
 def test_student_heads_equal_released_classifier(head_norm: str, seed: int) -> None:
     """architectures/layers.py, MLPBottleneckClassifier.forward (projector once over all crops, weight-normalised
     prototypes with gain 1, detached prototypes for local crops and the predictor path, predictor = BN on the raw
-    projections then its MLP) behind engine/model.py, Classifier.forward, vs excb.model.ExcbNetwork.forward in
+    projections then its MLP) behind engine/model.py, Classifier.forward, vs excb.method.model.ExcbNetwork.forward in
     train mode: 2 global crops of 28 px, 6 local crops of 12 px, batch 4. Outputs and the gradients of every
     parameter (the prototypes' only from the global crops' direct outputs)."""
     torch.manual_seed(seed)
@@ -546,7 +546,7 @@ def test_schedules_equal_released_run(path: Path, arch: str, spe: int) -> None:
     """engine/optimizer.py, LRScheduler (cosine lr with warm-up, counter incremented before computing; wd with
     weight_decay_target_factor: ResNet constant 1e-4, ViT 0.04 → 0.4; "wdx10c1" centroid wd), utils/misc.py,
     scheduling for the EMA momentum (0-based train_step, engine/trainer.py, Trainer.train_epoch) and the crop
-    scale (per epoch) vs excb.schedules.build_schedules for the paper recipe (7 epochs, 2 warm-up epochs)."""
+    scale (per epoch) vs excb.method.schedules.build_schedules for the paper recipe (7 epochs, 2 warm-up epochs)."""
     cfg = _recipe(path)
     ref = ref_released_run({**RELEASED_ARGS[arch], "epochs": EPOCHS, "warmup_epochs": WARMUP}, spe)
     s = build_schedules(cfg, spe)
@@ -575,7 +575,7 @@ def test_schedules_equal_released_run(path: Path, arch: str, spe: int) -> None:
 @pytest.mark.parametrize("path,arch", [(RESNET, "resnet50"), (VIT, "vit_s16")])
 def test_optimizer_groups_follow_released_scheduler(path: Path, arch: str) -> None:
     """engine/optimizer.py, BuildOptimizer.build_optimizer + LRScheduler.step: per step, every group's lr, the
-    regular groups' wd, the no-decay groups' wd (0) and the centroid group's wd, vs excb.engine.apply_schedule on
+    regular groups' wd, the no-decay groups' wd (0) and the centroid group's wd, vs excb.method.step.apply_schedule on
     excb's groups (regular, no_decay, prototypes) — with a tiny network in place of the recipe's backbone."""
     spe = 5
     cfg = _recipe(path, "model.backbone=convnet", "model.convnet_widths=[4]", "model.projector_hidden=8",

@@ -16,13 +16,13 @@ from typing import Any
 import psutil
 import pytest
 import ray
+from testkit.configs import TINY
 
-from excb.checkpoint import list_checkpoints, read_state_dir
 from excb.config import dump_yaml, load_config
 from excb.data import prepare_fashion_mnist
-from excb.pretrain import run_pretraining
-from excb.runfiles import SAMPLE_IDS_DIR, read_metrics
-from tiny import TINY
+from excb.run.checkpoint import list_checkpoints, read_state_dir
+from excb.run.pretrain import run_pretraining
+from excb.run.runfiles import SAMPLE_IDS_DIR, read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from excb.config import load_config
-from excb.scaling import plan_for
+from excb.run.scaling import plan_for
 
 
 def test_fixed_per_worker_batch_and_linear_lr() -> None:

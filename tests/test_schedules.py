@@ -1,4 +1,4 @@
-"""Per-step schedules (excb.schedules), indexed like the authors' released code.
+"""Per-step schedules (excb.method.schedules), indexed like the authors' released code.
 
 Step ``s`` is the 0-based optimiser step of ``T``. lr and weight decays use ``u = s + 1`` (the released
 LRScheduler increments its counter before computing); the EMA momentum uses ``s``; the crop scale the 0-based
@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from excb.config import load_config
-from excb.schedules import build_schedules, cosine_anneal, steps_per_epoch, warmup_cosine_lr
+from excb.method.schedules import (
+    build_schedules,
+    cosine_anneal,
+    steps_per_epoch,
+    warmup_cosine_lr,
+)
 
 
 def test_cosine_anneal_endpoints_both_directions() -> None:

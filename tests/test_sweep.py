@@ -1,4 +1,4 @@
-"""Sweeps with Ray Tune (excb.sweep): spec checks, a 4-trial sweep with ASHA, a failing trial, resume."""
+"""Sweeps with Ray Tune (excb.run.sweep): spec checks, a 4-trial sweep with ASHA, a failing trial, resume."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from testkit.configs import TINY
 
 from excb.cli import main as cli_main
 from excb.config import ConfigError, load_config
 from excb.data import prepare_fashion_mnist
-from excb.report import plot_sweep
-from excb.runfiles import read_metrics
-from excb.sweep import load_sweep, param_space, run_sweep, trial_overrides
-from tiny import TINY
+from excb.evaluation.report import plot_sweep
+from excb.run.runfiles import read_metrics
+from excb.run.sweep import load_sweep, param_space, run_sweep, trial_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 

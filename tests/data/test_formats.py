@@ -173,7 +173,7 @@ def test_missing_or_empty_data_is_a_clear_error(where: str) -> None:
 
 
 def test_ensure_dataset_checks_the_format_not_shards(tmp_path: Path) -> None:
-    from excb.pretrain import ensure_dataset
+    from excb.run.pretrain import ensure_dataset
 
     root = tmp_path / "wds"
     base = ["data.dataset=mine", "data.format=webdataset", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
@@ -247,8 +247,8 @@ def test_streaming_drops_corrupt_images(ray_session: None, tmp_path: Path) -> No
 
 @pytest.mark.ray
 def test_pretrain_streams_webdataset(ray_session: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    from excb.pretrain import run_pretraining
-    from excb.runfiles import SAMPLE_IDS_DIR, read_metrics, read_summary
+    from excb.run.pretrain import run_pretraining
+    from excb.run.runfiles import SAMPLE_IDS_DIR, read_metrics, read_summary
     from tiny import TINY
 
     data = tmp_path / "wds"

@@ -1,5 +1,5 @@
-"""The balancing methods ExCB replaces, behind the same :class:`~excb.balancing.Balancer` interface, and the
-factory that picks one from ``method.balancer``.
+"""The balancing methods ExCB replaces, behind the same :class:`~excb.method.balancing.Balancer` interface, and the
+registry that builds the one ``method.balancer`` names.
 
 - ``centering`` — DINO (Caron et al., 2021): the teacher's logits are centred by an EMA of their batch mean,
   p = softmax((z − c) / τ_t), c ← m_c·c + (1 − m_c)·mean_batch(z)  (mean over all ranks).
@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from excb.balancing import Balancer, ClusterBalancer
-from excb.config import BALANCERS, ExcbConfig
+from excb.config import ExcbConfig
 from excb.distributed import all_reduce_mean, all_reduce_sum, world_size
+from excb.method.balancing import Balancer, ClusterBalancer
+from excb.registry import Registry
 
 
 class NoBalancer(Balancer):
@@ -39,8 +40,8 @@ class CenteringBalancer(Balancer):
 
     center: Tensor
 
-    def __init__(self, num_clusters: int, center_momentum: float = 0.9, momentum: float = 0.999) -> None:
-        super().__init__(num_clusters, momentum)
+    def __init__(self, num_clusters: int, *, center_momentum: float = 0.9, momentum: float = 0.999) -> None:
+        super().__init__(num_clusters, momentum=momentum)
         if not 0.0 <= center_momentum < 1.0:
             raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
         self.center_momentum = center_momentum
@@ -89,8 +90,9 @@ class SinkhornBalancer(Balancer):
     """SwAV-style targets: p = SinkhornKnopp(z) over the global batch (see :func:`sinkhorn_knopp`). The
     teacher temperature is not used: ε plays its role."""
 
-    def __init__(self, num_clusters: int, epsilon: float = 0.05, iterations: int = 3, momentum: float = 0.999) -> None:
-        super().__init__(num_clusters, momentum)
+    def __init__(self, num_clusters: int, *, epsilon: float = 0.05, iterations: int = 3,
+                 momentum: float = 0.999) -> None:
+        super().__init__(num_clusters, momentum=momentum)
         if epsilon <= 0 or iterations < 1:
             raise ValueError(f"need epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}")
         self.epsilon = epsilon
@@ -105,15 +107,19 @@ class SinkhornBalancer(Balancer):
         return f"num_clusters={self.num_clusters}, epsilon={self.epsilon}, iterations={self.iterations}"
 
 
+BALANCER_REGISTRY: Registry[Balancer] = Registry("balancer")
+BALANCER_REGISTRY.register("excb")(ClusterBalancer)
+BALANCER_REGISTRY.register("centering")(CenteringBalancer)
+BALANCER_REGISTRY.register("sinkhorn")(SinkhornBalancer)
+BALANCER_REGISTRY.register("none")(NoBalancer)
+
+
 def build_balancer(cfg: ExcbConfig) -> Balancer:
-    """The balancer ``method.balancer`` names (excb | centering | sinkhorn | none), sized for the model's K."""
-    me, k = cfg.method, cfg.model.num_prototypes
-    if me.balancer == "excb":
-        return ClusterBalancer(k, me.balance_momentum, me.argmax_boost)
-    if me.balancer == "centering":
-        return CenteringBalancer(k, me.center_momentum, me.balance_momentum)
-    if me.balancer == "sinkhorn":
-        return SinkhornBalancer(k, me.sinkhorn_epsilon, me.sinkhorn_iters, me.balance_momentum)
-    if me.balancer == "none":
-        return NoBalancer(k, me.balance_momentum)
-    raise ValueError(f"unknown balancer {me.balancer!r} (known: {', '.join(BALANCERS)})")
+    """The balancer ``method.balancer`` names, sized for the model's K, offered every balancing option of the
+    config by keyword (each takes those it has: ``momentum`` = ``method.balance_momentum`` for all,
+    ``argmax_boost`` for ExCB, ``center_momentum`` for centering, ``epsilon``/``iterations`` for Sinkhorn)."""
+    me = cfg.method
+    return BALANCER_REGISTRY.build(me.balancer, num_clusters=cfg.model.num_prototypes,
+                                   momentum=me.balance_momentum, argmax_boost=me.argmax_boost,
+                                   center_momentum=me.center_momentum, epsilon=me.sinkhorn_epsilon,
+                                   iterations=me.sinkhorn_iters)

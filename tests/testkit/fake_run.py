@@ -1,4 +1,4 @@
-"""A run directory written by hand (no Ray): the training state excb.train writes after an epoch, with a teacher
+"""A run directory written by hand (no Ray): the training state excb.run.worker writes after an epoch, with a teacher
 whose weights and batch-norm statistics are perturbed away from their initial values."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from excb.balancing import ClusterBalancer
-from excb.checkpoint import checkpoint_dir_name, write_state_dir
 from excb.config import ExcbConfig, load_config
-from excb.model import ExcbNetwork, build_student_teacher
+from excb.method.learner import ExcbLearner
+from excb.method.model import ExcbNetwork
+from excb.run.checkpoint import checkpoint_dir_name, write_state_dir
+from excb.run.worker import training_state
 from excb.storage import join
-from excb.train import training_state
 
 SMALL_HEADS = ["model.projector_hidden=32", "model.projector_out=16", "model.predictor_hidden=32",
                "model.num_prototypes=12"]
@@ -22,8 +22,9 @@ def make_run(run_dir: str, overrides: list[str], *, epoch: int = 1,
              seed: int = 0) -> tuple[dict[str, Any], ExcbNetwork, ExcbConfig]:
     """Write ``RUN_DIR/checkpoint_epochNNNN`` for a config of ``overrides``; returns (state, teacher, cfg)."""
     cfg = load_config(None, [*SMALL_HEADS, *overrides])
+    learner = ExcbLearner(cfg, steps_per_epoch=10)
+    teacher = learner.teacher
     torch.manual_seed(seed)
-    student, teacher = build_student_teacher(cfg)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -32,8 +33,7 @@ def make_run(run_dir: str, overrides: list[str], *, epoch: int = 1,
         for _ in range(3):
             teacher.backbone(torch.randn(8, cfg.data.channels, size, size) * 2 + 0.5)
     teacher.eval()
-    balancer = ClusterBalancer(cfg.model.num_prototypes)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    state = training_state(student, teacher, balancer, optimizer, epoch, 10 * epoch, [], cfg)
+    learner.global_step = 10 * epoch
+    state = training_state(learner, epoch, [], cfg)
     write_state_dir(state, join(run_dir, checkpoint_dir_name(epoch)))
     return state, teacher, cfg

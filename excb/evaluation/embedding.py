@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 from torch import Tensor
 
@@ -52,7 +51,7 @@ def plot_embedding(features: Tensor | np.ndarray, labels: np.ndarray, uri: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from excb.report import save_figure
+    from excb.evaluation.report import save_figure
 
     labels = np.asarray(labels)
     idx = subsample(len(labels), max_points, seed)

@@ -118,7 +118,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any], experiment: str) -> 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from excb.pretrain import build_trainer, ensure_dataset
+    from excb.run.pretrain import build_trainer, ensure_dataset
     from excb.storage import configure as configure_storage
 
     cfg = SweepSpec(**spec).base_config(trial_overrides(config))  # a bad value fails this trial only, naming the key
@@ -183,7 +183,7 @@ def trials_table(results: Any, spec: SweepSpec, experiment: str) -> list[dict[st
 
     Epochs and metrics come from the trial's own Train run (``runs/<trial_id>/metrics.jsonl``) when it exists:
     a trial that ASHA stops can finish the epoch it was in before it is stopped, and Tune's record ends earlier."""
-    from excb.runfiles import read_metrics
+    from excb.run.runfiles import read_metrics
     from excb.storage import exists
 
     pick = max if spec.mode == "max" else min
@@ -225,7 +225,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def run_sweep(spec: SweepSpec, storage_path: str = "runs", name: str = "sweep",
               num_cpus: int | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv, best_config.yaml and sweep.json; return the sweep summary."""
-    from excb.pretrain import ensure_dataset, init_ray
+    from excb.run.pretrain import ensure_dataset, init_ray
     from excb.storage import absolute
     from excb.storage import configure as configure_storage
 

@@ -3,7 +3,7 @@
 Following one batch: uint8 images → multi-crop views → teacher similarities of the global views → balanced
 targets p = softmax(B(z_t)/τ_t) → student log-probabilities → loss over view pairs → optimiser step with the
 step's lr / wd → EMA teacher update → size-estimate update from argmax p. ``method.balancer`` swaps the
-balanced targets for a baseline's (DINO centering, SwAV Sinkhorn, none; see excb.baselines).
+balanced targets for a baseline's (DINO centering, SwAV Sinkhorn, none; see excb.method.baselines).
 """
 
 from __future__ import annotations
@@ -11,28 +11,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from excb.augment import MultiCropAugment
-from excb.balancing import Balancer
-from excb.baselines import build_balancer
 from excb.config import ExcbConfig
-from excb.kmeans import spherical_kmeans
-from excb.loss import excb_loss
-from excb.model import (
+from excb.method.augment import MultiCropAugment
+from excb.method.balancing import Balancer
+from excb.method.loss import excb_loss
+from excb.method.model import (
     ExcbNetwork,
-    build_student_teacher,
-    compile_backbones,
     ema_update,
     parameter_groups,
     unwrap,
 )
-from excb.schedules import Schedules, build_schedules
+from excb.method.schedules import Schedules
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
@@ -153,69 +149,3 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
         balancer.observe(z_teacher, p)
     return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
                      unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
-
-
-@dataclass
-class StepRig:
-    """Everything :func:`excb.engine.train_step` needs, as one worker sets it up, outside Ray."""
-
-    cfg: ExcbConfig
-    student: nn.Module
-    teacher: ExcbNetwork
-    balancer: Balancer
-    optimizer: torch.optim.Optimizer
-    augment: MultiCropAugment
-    schedules: Schedules
-    gen: torch.Generator
-    autocast_dtype: torch.dtype | None
-    step: int = 0
-
-    def run(self, images: Tensor, epoch: int = 0, timer: PhaseTimer | None = None) -> StepStats:
-        """One training step on ``images`` (uint8 [B, C, H, W]) at the next global step, in ``epoch``."""
-        stats = train_step(self.cfg, self.student, self.teacher, self.balancer, self.optimizer, self.augment,
-                           self.schedules, images, self.step, epoch, self.gen, autocast_dtype=self.autocast_dtype,
-                           timer=timer)
-        self.step += 1
-        return stats
-
-
-def build_rig(cfg: ExcbConfig, device: torch.device, total_steps: int) -> StepRig:
-    """Student, teacher (backbones compiled with ``train.compile``), balancer, optimiser, views and schedules whose
-    epochs span ``total_steps`` steps each; torch and the view generator seeded with ``train.seed``. What the
-    plain-PyTorch loops (``excb bench``, the experiments) train with."""
-    torch.manual_seed(cfg.train.seed)
-    student, teacher = build_student_teacher(cfg)
-    if cfg.train.compile:
-        compile_backbones(student, teacher)
-    student.to(device).train()
-    teacher.to(device).train()
-    return StepRig(cfg=cfg, student=student, teacher=teacher, balancer=build_balancer(cfg).to(device),
-                   optimizer=build_optimizer(cfg, student),
-                   augment=MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std),
-                   schedules=build_schedules(cfg, max(1, total_steps)),
-                   gen=torch.Generator().manual_seed(cfg.train.seed),
-                   autocast_dtype=autocast_dtype_for(cfg.train.precision, device))
-
-
-@torch.no_grad()
-def init_prototypes_kmeans(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork,
-                           batches: Iterable[Tensor | tuple[Tensor, Tensor | None]], augment: MultiCropAugment,
-                           gen: torch.Generator, max_samples: int) -> Tensor:
-    """Spherical k-means over the (random-init) teacher's L2-normalised projector outputs of one global view of
-    up to ``max_samples`` images on this rank (k-means itself is global), copied into teacher and student
-    prototypes. ``batches`` yields uint8 images, or (images, valid_hw or None) as :class:`excb.train.EpochFeed`
-    does. Returns the final cluster counts."""
-    feats: list[Tensor] = []
-    n = 0
-    for batch in batches:
-        images, valid_hw = (batch, None) if isinstance(batch, Tensor) else batch
-        view = augment(images, float(cfg.augment.crop_min_start), gen, valid_hw)[0]
-        feats.append(torch.nn.functional.normalize(teacher.project([view])[0].float(), dim=1))
-        n += view.shape[0]
-        if n >= max_samples:
-            break
-    x = torch.cat(feats)[:max_samples]
-    centres, counts = spherical_kmeans(x, cfg.model.num_prototypes, cfg.method.kmeans_iters, seed=cfg.train.seed)
-    teacher.prototypes.set_centres(centres)
-    unwrap(student).prototypes.set_centres(centres)
-    return counts

@@ -9,11 +9,11 @@ The export directory (default ``RUN_DIR/export``) holds, each written atomically
   ``fc = nn.Identity()`` always; ``resnet18_small``: ``conv1 = nn.Conv2d(C, 64, 3, stride=1, padding=1,
   bias=False)`` and ``maxpool = nn.Identity()`` (3×3 stem, no max-pool); ``resnet50`` with C ≠ 3 channels:
   ``conv1 = nn.Conv2d(C, 64, 7, stride=2, padding=3, bias=False)``. ``convnet`` and ``vit_s16`` keep the key
-  names of :func:`excb.backbones.build_backbone` (``build_backbone(name, C, convnet_widths=…, convnet_pool=…,
+  names of :func:`excb.method.backbones.build_backbone` (``build_backbone(name, C, convnet_widths=…, convnet_pool=…,
   image_size=…)``).
 - ``export.json``: backbone, channels, image_size (the global crop size the backbone saw), mean, std,
   feature_dim, the ConvNet shape, the torchvision constructor and the changes above, and the source checkpoint.
-- ``features.py``: a copy of :mod:`excb.standalone_features` (torch and torchvision only) with
+- ``features.py``: a copy of :mod:`excb.evaluation.standalone_features` (torch and torchvision only) with
   ``load_backbone(path)`` and ``extract_features(model, images)`` (resize to image_size, normalise, forward).
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from excb import standalone_features
 from excb.config import ExcbConfig
+from excb.evaluation import standalone_features
 from excb.storage import atomic_write_bytes, join, resolve_fs, write_text
 
 WEIGHTS_FILE = standalone_features.WEIGHTS_FILE
@@ -46,9 +46,9 @@ class ExportError(RuntimeError):
 
 def backbone_state_dict(teacher_state: Mapping[str, Tensor], backbone: str) -> dict[str, Tensor]:
     """The teacher's ``backbone.*`` tensors under the target naming: torchvision's for ResNets (``backbone.net.``
-    stripped), :func:`excb.backbones.build_backbone`'s for the others (``backbone.`` stripped); contiguous
+    stripped), :func:`excb.method.backbones.build_backbone`'s for the others (``backbone.`` stripped); contiguous
     copies."""
-    prefix = "backbone.net." if backbone in RESNETS else "backbone."
+    prefix = "backbone.net." if backbone in RESNETS or backbone.startswith("torchvision:") else "backbone."
     keys = [k for k in teacher_state if k.startswith("backbone.")]
     if not keys:
         raise ExportError("the checkpoint's teacher has no backbone.* tensors")
@@ -61,6 +61,11 @@ def backbone_state_dict(teacher_state: Mapping[str, Tensor], backbone: str) -> d
 def _torchvision_recipe(cfg: ExcbConfig) -> dict[str, Any] | None:
     """Constructor and the changes that make a torchvision ResNet match the exported state dict."""
     name, c = cfg.model.backbone, cfg.data.channels
+    if name.startswith("torchvision:"):
+        changes = ["the last torch.nn.Linear (class scores) = torch.nn.Identity()"]
+        if c == 1:
+            changes.append("input: one-channel images repeated to three channels")
+        return {"constructor": f"torchvision.models.get_model({name.split(':', 1)[1]!r})", "changes": changes}
     if name not in RESNETS:
         return None
     changes = ["fc = torch.nn.Identity()"]
@@ -101,8 +106,8 @@ def export_run(run_dir: str, out_dir: str | None = None) -> dict[str, Any]:
     """Export the teacher backbone of ``run_dir``'s newest checkpoint that verifies into ``out_dir`` (default
     ``RUN_DIR/export``; local path or URI). The weights are checked to load with ``strict=True`` into the
     standalone model before anything is written. Returns export.json's record plus the written ``paths``."""
-    from excb.checkpoint import list_checkpoints, load_latest
     from excb.config import from_dict
+    from excb.run.checkpoint import list_checkpoints, load_latest
 
     state, where = load_latest(list_checkpoints(run_dir))
     cfg = from_dict(state["config"])
@@ -116,7 +121,8 @@ def export_run(run_dir: str, out_dir: str | None = None) -> dict[str, Any]:
     with torch.no_grad():
         model.eval()
         size = cfg.augment.global_size
-        meta["feature_dim"] = int(model(torch.zeros(1, cfg.data.channels, size, size)).shape[1])
+        blank = torch.zeros(1, cfg.data.channels, size, size, dtype=torch.uint8)
+        meta["feature_dim"] = int(model(standalone_features.preprocess(blank, meta)).shape[1])
 
     out = out_dir or join(run_dir, EXPORT_DIR)
     buf = io.BytesIO()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from excb.config import ExcbConfig
-from excb.schedules import steps_per_epoch
+from excb.method.schedules import steps_per_epoch
 
 
 @dataclass(frozen=True)

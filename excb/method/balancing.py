@@ -1,5 +1,5 @@
 """ExCB's explicit cluster balancing: a running cluster-size estimate and the operator that uses it, behind the
-:class:`Balancer` interface the baselines (``excb.baselines``) share.
+:class:`Balancer` interface the baselines (``excb.method.baselines``) share.
 
 Usage::
 
@@ -65,7 +65,7 @@ class Balancer(nn.Module):
 
     sizes: Tensor
 
-    def __init__(self, num_clusters: int, momentum: float = 0.999) -> None:
+    def __init__(self, num_clusters: int, *, momentum: float = 0.999) -> None:
         super().__init__()
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
@@ -105,8 +105,8 @@ class ClusterBalancer(Balancer):
     the same estimate.
     """
 
-    def __init__(self, num_clusters: int, momentum: float = 0.999, argmax_boost: float = 1.01) -> None:
-        super().__init__(num_clusters, momentum)
+    def __init__(self, num_clusters: int, *, momentum: float = 0.999, argmax_boost: float = 1.01) -> None:
+        super().__init__(num_clusters, momentum=momentum)
         self.argmax_boost = argmax_boost
 
     @torch.no_grad()

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from excb.backbones import build_backbone, set_drop_path
 from excb.config import ExcbConfig
+from excb.method.backbones import build_backbone, set_drop_path
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from excb.augment import MultiCropAugment
 from excb.config import ExcbConfig
-from excb.metrics import (
+from excb.evaluation.metrics import (
     ari,
     assignment_shares,
     cluster_acc_hungarian,
@@ -26,7 +25,8 @@ from excb.metrics import (
     nmi,
     share_stats,
 )
-from excb.model import ExcbNetwork
+from excb.method.augment import MultiCropAugment
+from excb.method.model import ExcbNetwork
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def evaluate_teacher(net: ExcbNetwork, augment: MultiCropAugment, train_x: Tenso
 def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
     """Rebuild the teacher network (and the run's config) from a training-state checkpoint."""
     from excb.config import from_dict
-    from excb.model import build_student_teacher
+    from excb.method.model import build_student_teacher
 
     cfg = from_dict(state["config"])
     _, teacher = build_student_teacher(cfg)
@@ -114,9 +114,9 @@ def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None
     split's assignments and the size estimate's health. ``plot`` ("pca" or "tsne") also draws at most
     ``plot_points`` test features in 2-D, coloured by label, into RUN_DIR/plots/embedding_<method>.png (its
     path is returned as ``embedding_plot``)."""
-    from excb.checkpoint import list_checkpoints, load_latest
     from excb.data.pipeline import load_split_arrays
-    from excb.metrics import estimate_stats
+    from excb.evaluation.metrics import estimate_stats
+    from excb.run.checkpoint import list_checkpoints, load_latest
     from excb.storage import join
 
     state, where = load_latest(list_checkpoints(run_dir))
@@ -138,7 +138,7 @@ def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None
     out.update(epochs=int(state["epoch"]), steps=int(state["step"]), checkpoint=where,
                eval_train_rows=int(len(train_x)), eval_test_rows=int(len(test_x)))
     if plot:
-        from excb.embedding import plot_embedding
+        from excb.evaluation.embedding import plot_embedding
 
         out["embedding_plot"] = plot_embedding(fte, test_y, join(run_dir, "plots", f"embedding_{plot}.png"),
                                                method=plot, max_points=plot_points, seed=cfg.train.seed)

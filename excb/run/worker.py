@@ -14,35 +14,27 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-from torch import nn
 
-from excb.augment import MultiCropAugment
-from excb.balancing import Balancer
-from excb.baselines import build_balancer
-from excb.checkpoint import (
+from excb.config import ExcbConfig, from_dict, redacted_dict
+from excb.data.pipeline import load_split_arrays
+from excb.distributed import all_reduce_mean
+from excb.evaluation.evaluate import evaluate_teacher
+from excb.evaluation.metrics import estimate_stats
+from excb.method.learner import ExcbLearner
+from excb.run.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
     list_checkpoints,
     load_latest,
     new_local_state_dir,
 )
-from excb.config import ExcbConfig, from_dict, redacted_dict
-from excb.data.pipeline import load_split_arrays
-from excb.distributed import all_reduce_mean
-from excb.engine import StepStats, autocast_dtype_for, build_optimizer, init_prototypes_kmeans, train_step
-from excb.evaluate import evaluate_teacher
-from excb.metrics import estimate_stats
-from excb.model import ExcbNetwork, build_student_teacher, compile_backbones, unwrap
-from excb.runfiles import SAMPLE_IDS_DIR, write_metrics
-from excb.scaling import plan_for
-from excb.schedules import build_schedules
+from excb.run.runfiles import SAMPLE_IDS_DIR, write_metrics
+from excb.run.scaling import plan_for
 from excb.storage import configure as configure_storage
 from excb.storage import join, write_text
-from excb.syncbn import convert_global_batchnorm
 
 
 def say(message: str) -> None:
@@ -58,18 +50,12 @@ def set_torch_threads(cfg: ExcbConfig) -> int:
     return threads
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def training_state(student: nn.Module, teacher: ExcbNetwork, balancer: Balancer,
-                   optimizer: torch.optim.Optimizer, epoch: int, step: int, history: list[dict[str, Any]],
+def training_state(learner: ExcbLearner, epoch: int, history: list[dict[str, Any]],
                    cfg: ExcbConfig) -> dict[str, Any]:
-    """Everything a resume needs, as plain tensors, numbers and strings (loadable with weights_only=True)."""
-    return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
-            "balancer": balancer.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "history": history, "config": redacted_dict(cfg)}
+    """Everything a resume needs, as plain tensors, numbers and strings (loadable with weights_only=True): the
+    learner's state (student, teacher, balancer, optimiser, next step), the epochs done, the metric history and
+    the redacted config."""
+    return {**learner.state_dict(), "epoch": epoch, "history": history, "config": redacted_dict(cfg)}
 
 
 class EpochFeed:
@@ -132,7 +118,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     Each (re)start of the worker group — first launch, restart after a failure, elastic resize — resumes from
     the newest checkpoint that verifies and restarts its epoch from the first step, with the batch, lr and
-    step count of :func:`excb.scaling.plan_for` for the group's size.
+    step count of :func:`excb.run.scaling.plan_for` for the group's size.
     """
     cfg = from_dict(config["cfg"])
     configure_storage(cfg.storage)
@@ -142,21 +128,9 @@ def train_worker(config: dict[str, Any]) -> None:
     plan = plan_for(cfg, world, int(config["train_rows"]))
     spe = plan.steps_per_epoch
     set_torch_threads(cfg)
-    _seed_everything(cfg.train.seed)
     device = ray.train.torch.get_device()
-    autocast_dtype = autocast_dtype_for(cfg.train.precision, device)  # None: fp32
-    student, teacher = build_student_teacher(cfg)
-    if world > 1:  # batch statistics over the global batch, for the student and the teacher alike
-        student = convert_global_batchnorm(student, device.type)
-        teacher = convert_global_batchnorm(teacher, device.type)
-    if cfg.train.compile:  # in place and before prepare_model: DDP wraps the compiled module
-        compile_backbones(student, teacher)
-    teacher.to(device)
-    student = ray.train.torch.prepare_model(student)  # moves to the device; DDP when world > 1
-    balancer = build_balancer(cfg).to(device)
-    optimizer = build_optimizer(cfg, student)
-    schedules = build_schedules(cfg, spe, lr_scale=plan.lr_scale)
-    augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
+    learner = ExcbLearner(cfg, spe, device=device, lr_scale=plan.lr_scale, global_batchnorm=world > 1,
+                          wrap_student=ray.train.torch.prepare_model)  # moves to the device; DDP when world > 1
     shard = ray.train.get_dataset_shard("train")
 
     start_epoch, history = 0, []
@@ -165,10 +139,7 @@ def train_worker(config: dict[str, Any]) -> None:
     except CheckpointError:
         state = None
     if state is not None:
-        unwrap(student).load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        balancer.load_state_dict(state["balancer"])
-        optimizer.load_state_dict(state["optimizer"])
+        learner.load_state_dict(state)
         start_epoch, history = int(state["epoch"]), list(state["history"])
         if rank == 0:
             say(f"[excb] resumed from {where}: epoch {start_epoch} done, {world} worker(s), global batch "
@@ -178,11 +149,11 @@ def train_worker(config: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
         per_rank = -(-cfg.method.kmeans_samples // world)
         feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=rank)
-        counts = init_prototypes_kmeans(cfg, student, teacher, feed, augment, gen, per_rank)
+        counts = learner.init_prototypes(feed, per_rank, gen)
         if rank == 0:
             say(f"[excb] k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
                 f"({time.time() - t0:.1f}s)")
-    step = plan.start_step(start_epoch)
+    learner.global_step = plan.start_step(start_epoch)  # after a resize, the new group's step count
 
     knn_data = None
     if rank == 0 and cfg.eval.epoch_knn_train > 0:
@@ -191,8 +162,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     load_split_arrays(cfg.data.path, "test", image_size=cfg.data.image_size,
                                       channels=cfg.data.channels, limit=cfg.eval.epoch_knn_test))
 
-    student.train()
-    teacher.train()
+    learner.train()
     for epoch in range(start_epoch, cfg.train.epochs):
         # Per-epoch seeds: a restarted epoch draws the same views and local shuffle as its interrupted attempt.
         gen = torch.Generator().manual_seed((cfg.train.seed + 1) * 100_003 + epoch * 1_009 + rank)
@@ -201,11 +171,9 @@ def train_worker(config: dict[str, Any]) -> None:
         feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=(cfg.train.seed + 1) * 7919 + epoch * 31 + rank,
                          record_ids=cfg.train.record_sample_ids)
         for i, (images, valid_hw) in enumerate(feed):
-            stats: StepStats = train_step(cfg, student, teacher, balancer, optimizer, augment, schedules, images,
-                                          step, epoch, gen, autocast_dtype=autocast_dtype, valid_hw=valid_hw)
+            stats = learner.step(images, epoch, gen, valid_hw)
             for key in sums:
                 sums[key] += float(getattr(stats, key))
-            step += 1
             if rank == 0 and cfg.train.log_every_steps and (i + 1) % cfg.train.log_every_steps == 0:
                 say(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}")
         seconds = time.time() - t0
@@ -214,19 +182,21 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics = _mean_over_ranks({**{k: v / spe for k, v in sums.items()},
                                     "data_wait_fraction": feed.wait_seconds / seconds,
                                     "first_batch_seconds": feed.first_wait_seconds}, device)
-        metrics.update(epoch=epoch + 1, step=step, lr=float(schedules.lr[step - 1]), workers=world,
+        step = learner.global_step
+        metrics.update(epoch=epoch + 1, step=step, lr=float(learner.schedules.lr[step - 1]), workers=world,
                        global_batch=plan.global_batch, steps_per_epoch=spe, epoch_seconds=seconds,
-                       images_per_second=spe * plan.global_batch / seconds, **estimate_stats(balancer.sizes.cpu()))
+                       images_per_second=spe * plan.global_batch / seconds,
+                       **estimate_stats(learner.balancer.sizes.cpu()))
         if knn_data is not None:
             (trx, try_), (tex, tey) = knn_data
-            ev = evaluate_teacher(teacher, augment, torch.from_numpy(trx), try_, torch.from_numpy(tex), tey,
-                                  k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+            ev = evaluate_teacher(learner.teacher, learner.augment, torch.from_numpy(trx), try_,
+                                  torch.from_numpy(tex), tey, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                                   linear_probe=False)  # per epoch: kNN and clustering only
             metrics.update({f"subset_{k}": v for k, v in ev.items()})
         history.append(metrics)
         checkpoint = None
         if rank == 0:
-            state = training_state(student, teacher, balancer, optimizer, epoch + 1, step, history, cfg)
+            state = training_state(learner, epoch + 1, history, cfg)
             checkpoint = ray.train.Checkpoint.from_directory(new_local_state_dir(state))
             write_metrics(run_dir, history)
             knn = f" knn(subset) {metrics['subset_knn_top1']:.2f}%" if "subset_knn_top1" in metrics else ""

@@ -1,4 +1,5 @@
-"""Backbones: a small ConvNet and a small-image ResNet-18 for CPU work; ResNet-50 and ViT-S/16 at paper scale.
+"""Backbones: a small ConvNet and a small-image ResNet-18 for CPU work; ResNet-50 and ViT-S/16 at paper scale; any
+torchvision classifier by name (``torchvision:<model>``).
 
 Each builder returns a module mapping images [B, C, H, W] to features [B, D] and sets ``module.out_dim = D``.
 """
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+
+from excb.registry import Registry
 
 
 class ConvNet(nn.Module):
@@ -152,17 +155,90 @@ def init_vit_like_released(vit: VisionTransformer) -> None:
     vit.conv_proj.reset_parameters()
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def torchvision_classifiers() -> tuple[str, ...]:
+    """Names of torchvision's image classification models (``torchvision.models.list_models``)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def remove_classifier(net: nn.Module) -> int:
+    """Replace the last ``nn.Linear`` of a torchvision classifier (its class scores) by ``nn.Identity`` in place;
+    returns that layer's ``in_features``, the size of the features the model now outputs. ValueError if the model
+    has no linear layer (e.g. SqueezeNet's convolutional classifier)."""
+    last = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            last = (name, module)
+    if last is None:
+        raise ValueError(f"{type(net).__name__} has no final nn.Linear classifier to remove")
+    name, linear = last
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return int(linear.in_features)
+
+
+class TorchvisionClassifier(nn.Module):
+    """Any torchvision classification model by name (``model.backbone=torchvision:convnext_tiny``), randomly
+    initialised as torchvision initialises it, with its final linear classifier removed (:func:`remove_classifier`);
+    images with ``in_channels`` ≠ 3 have their channels repeated (1 → 3) or must already be 3. State-dict keys are
+    torchvision's under ``net.``."""
+
+    def __init__(self, name: str, in_channels: int) -> None:
+        super().__init__()
+        import torchvision
+
+        if name not in torchvision_classifiers():
+            raise ValueError(f"{name!r} is not a torchvision classification model (torchvision.models.list_models)")
+        if in_channels not in (1, 3):
+            raise ValueError(f"torchvision backbones take 1 or 3 channels, got {in_channels}")
+        self.name, self.in_channels = name, in_channels
+        self.net = torchvision.models.get_model(name, weights=None)
+        self.out_dim = remove_classifier(self.net)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        y = self.net(x)
+        if not isinstance(y, Tensor):  # e.g. GoogLeNet/Inception return auxiliary outputs in training mode
+            raise TypeError(f"torchvision model {self.name} returned {type(y).__name__}, not a tensor of features")
+        return y
+
+
+BACKBONE_REGISTRY: Registry[nn.Module] = Registry("backbone")
+
+
+@BACKBONE_REGISTRY.register("convnet")
+def _convnet(in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128), convnet_pool: int = 1) -> nn.Module:
+    return ConvNet(in_channels, tuple(convnet_widths), convnet_pool)
+
+
+@BACKBONE_REGISTRY.register("resnet18_small")
+def _resnet18_small(in_channels: int) -> nn.Module:
+    return TorchvisionResNet(resnet18(zero_init_residual=True), in_channels, small_stem=True)
+
+
+@BACKBONE_REGISTRY.register("resnet50")
+def _resnet50(in_channels: int) -> nn.Module:
+    return TorchvisionResNet(resnet50(zero_init_residual=True), in_channels, small_stem=False)
+
+
+@BACKBONE_REGISTRY.register("vit_s16")
+def _vit_s16(in_channels: int, *, image_size: int = 224, drop_path: float = 0.0) -> nn.Module:
+    return ViTBackbone(in_channels, image_size, drop_path=drop_path)
+
+
 def build_backbone(name: str, in_channels: int, *, convnet_widths: tuple[int, ...] = (32, 64, 128),
                    convnet_pool: int = 1, image_size: int = 224, drop_path: float = 0.0) -> nn.Module:
-    """Backbone by name: convnet | resnet18_small | resnet50 | vit_s16 (``drop_path``: ViT only)."""
+    """Backbone by name: a registered one (convnet | resnet18_small | resnet50 | vit_s16), each given the options it
+    takes, or ``torchvision:<model>`` for any torchvision classifier (:class:`TorchvisionClassifier`).
+    ``drop_path``: ViT-S/16 only."""
     if drop_path and name != "vit_s16":
         raise ValueError(f"drop_path is implemented for vit_s16 only, not {name!r}")
-    if name == "convnet":
-        return ConvNet(in_channels, tuple(convnet_widths), convnet_pool)
-    if name == "resnet18_small":
-        return TorchvisionResNet(resnet18(zero_init_residual=True), in_channels, small_stem=True)
-    if name == "resnet50":
-        return TorchvisionResNet(resnet50(zero_init_residual=True), in_channels, small_stem=False)
-    if name == "vit_s16":
-        return ViTBackbone(in_channels, image_size, drop_path=drop_path)
-    raise ValueError(f"unknown backbone {name!r}")
+    if name.startswith(TORCHVISION_PREFIX):
+        return TorchvisionClassifier(name[len(TORCHVISION_PREFIX):], in_channels)
+    return BACKBONE_REGISTRY.build(name, in_channels=in_channels, convnet_widths=convnet_widths,
+                                   convnet_pool=convnet_pool, image_size=image_size, drop_path=drop_path)

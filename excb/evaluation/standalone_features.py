@@ -17,7 +17,9 @@ Models, by ``export.json``'s ``backbone``:
   bias=False)``, ``maxpool = Identity()``, ``fc = Identity()``;
 - ``resnet50``: ``torchvision.models.resnet50()`` with ``fc = Identity()`` and, for C ≠ 3 input channels,
   ``conv1 = Conv2d(C, 64, 7, stride=2, padding=3, bias=False)``;
-- ``convnet``: the ConvNet below (excb.backbones.ConvNet);
+- ``convnet``: the ConvNet below (excb.method.backbones.ConvNet);
+- ``torchvision:<model>``: ``torchvision.models.get_model("<model>")`` with its last ``nn.Linear`` (the class
+  scores) replaced by ``Identity()``; one-channel images are repeated to three channels before it;
 - ``vit_s16``: ``torchvision`` ``VisionTransformer`` (patch 16, 12 layers, 6 heads, width 384, MLP 1536) at
   ``image_size`` under the attribute ``vit``, ``heads = Identity()`` and, for C ≠ 3, ``conv_proj = Conv2d(C, 384,
   16, stride=16)``; its output is the class token.
@@ -78,9 +80,22 @@ class ViTS16(nn.Module):
         return self.vit(x)
 
 
+def remove_last_linear(net: nn.Module) -> None:
+    """Replace the last ``nn.Linear`` of a torchvision classifier by ``nn.Identity`` (as excb's backbone does)."""
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+
+
 def build_model(meta: dict[str, Any]) -> nn.Module:
     """The (untrained) module that the exported state dict loads into with ``strict=True``."""
     name, c = meta["backbone"], int(meta["channels"])
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        net = torchvision.models.get_model(name.split(":", 1)[1], weights=None)
+        remove_last_linear(net)
+        return net
     if name == "convnet":
         return ConvNet(c, tuple(int(w) for w in meta["convnet_widths"]), int(meta["convnet_pool"]))
     if name == "resnet18_small":
@@ -128,7 +143,10 @@ def preprocess(images: Tensor, meta: dict[str, Any]) -> Tensor:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(meta["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    x = (x - mean) / std
+    if str(meta["backbone"]).startswith("torchvision:") and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # torchvision models take three channels
+    return x
 
 
 @torch.no_grad()

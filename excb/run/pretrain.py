@@ -16,16 +16,17 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from excb.checkpoint import list_checkpoints
 from excb.config import ExcbConfig, dump_yaml
 from excb.data.errors import DatasetNotFoundError
 from excb.data.formats import require_split
 from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
 from excb.data.shards import prepare_fashion_mnist, shards_exist
-from excb.engine import NonFiniteLossError
-from excb.evaluate import evaluate_run
-from excb.runfiles import CONFIG_FILE, read_metrics, write_summary
-from excb.scaling import plan_for
+from excb.evaluation.evaluate import evaluate_run
+from excb.method.step import NonFiniteLossError
+from excb.run.checkpoint import list_checkpoints
+from excb.run.runfiles import CONFIG_FILE, read_metrics, write_summary
+from excb.run.scaling import plan_for
+from excb.run.worker import train_worker
 from excb.storage import (
     absolute,
     check_reachable,
@@ -35,7 +36,6 @@ from excb.storage import (
     write_text,
 )
 from excb.storage import configure as configure_storage
-from excb.train import train_worker
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 For a config (file + overrides, as for ``excb pretrain``) it measures images per second four ways:
 
-- ``data``: the train dataset exactly as the trainer gets it (:func:`excb.pretrain.training_dataset`), iterated the
-  way a worker iterates its shard (:class:`excb.train.EpochFeed`: batch, drop_last, local shuffle), no model;
-- ``synthetic``: :func:`excb.engine.train_step` on one in-memory uint8 batch, no Ray, with a worker's torch threads,
-  and the time of each phase of the step (:class:`excb.engine.PhaseTimer`, in a separate run: it synchronises);
+- ``data``: the train dataset exactly as the trainer gets it (:func:`excb.run.pretrain.training_dataset`), iterated the
+  way a worker iterates its shard (:class:`excb.run.worker.EpochFeed`: batch, drop_last, local shuffle), no model;
+- ``synthetic``: :func:`excb.method.step.train_step` on one in-memory uint8 batch, no Ray, with a worker's torch threads,
+  and the time of each phase of the step (:class:`excb.method.step.PhaseTimer`, in a separate run: it synchronises);
 - ``plain``: the same step in a plain PyTorch loop over the same decoded images (reshuffled every pass), no Ray;
-- ``end_to_end``: a real ``TorchTrainer`` run with one worker (:func:`excb.train.train_worker`) over the real data,
+- ``end_to_end``: a real ``TorchTrainer`` run with one worker (:func:`excb.run.worker.train_worker`) over the real data,
   two epochs of ``steps`` steps (``train.max_steps_per_epoch``): the first is warm-up (compilation, allocator,
   first pass), the second is measured without the wait for its first batch (a pass's start-up, paid once per
   epoch), with the share of that time spent waiting for data;
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from excb.config import ExcbConfig, from_dict, redacted_dict
-from excb.engine import PhaseTimer, build_rig
+from excb.method.learner import ExcbLearner
+from excb.method.step import PhaseTimer
 
 PHASES = ("views", "teacher", "balance", "student", "loss_backward", "optimizer", "ema", "estimate")
 
@@ -71,10 +72,10 @@ def _timed(fn: Callable[[], Any], n: int, device: torch.device) -> float:
 
 
 def measure_data(dataset: Any, rows: int, batch: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
-    """Images/s of ``dataset`` iterated as a worker's :class:`~excb.train.EpochFeed` (no model): ``warmup``
+    """Images/s of ``dataset`` iterated as a worker's :class:`~excb.run.worker.EpochFeed` (no model): ``warmup``
     batches, then ``steps`` timed ones, over as many passes as that takes (a pass starting in the timed part
     counts its start-up)."""
-    from excb.train import EpochFeed
+    from excb.run.worker import EpochFeed
 
     per_pass = rows // batch
     if per_pass < 1:
@@ -96,16 +97,16 @@ def measure_data(dataset: Any, rows: int, batch: int, steps: int, warmup: int, s
 
 def measure_synthetic(cfg: ExcbConfig, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Images/s of the training step on one random in-memory uint8 batch, and the per-phase time of the step."""
-    rig = build_rig(cfg, device, warmup + 2 * steps)
+    learner = ExcbLearner(cfg, warmup + 2 * steps, device=device)
     b, c, s = cfg.train.per_worker_batch, cfg.data.channels, cfg.data.image_size
     gen = torch.Generator().manual_seed(cfg.train.seed)
     x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=gen).to(device)
     for _ in range(warmup):
-        rig.run(x)
-    seconds = _timed(lambda: rig.run(x), steps, device)
+        learner.step(x)
+    seconds = _timed(lambda: learner.step(x), steps, device)
     timer = PhaseTimer(device)
     for _ in range(steps):
-        stats = rig.run(x, timer=timer)
+        stats = learner.step(x, timer=timer)
     phase_s = {k: timer.seconds[k] / steps for k in PHASES if k in timer.seconds}
     phase_s.update({k: v / steps for k, v in timer.seconds.items() if k not in phase_s})
     total = sum(phase_s.values())
@@ -133,12 +134,12 @@ def shuffled_batches(images: Tensor, batch: int, gen: torch.Generator, device: t
 
 def measure_plain(cfg: ExcbConfig, device: torch.device, images: Tensor, steps: int, warmup: int) -> dict[str, Any]:
     """Images/s of the training step in a plain PyTorch loop over in-memory decoded ``images``."""
-    rig = build_rig(cfg, device, warmup + steps)
+    learner = ExcbLearner(cfg, warmup + steps, device=device)
     b = cfg.train.per_worker_batch
     batches = shuffled_batches(images, b, torch.Generator().manual_seed(cfg.train.seed + 1), device)
     for _ in range(warmup):
-        rig.run(next(batches))
-    seconds = _timed(lambda: rig.run(next(batches)), steps, device)
+        learner.step(next(batches))
+    seconds = _timed(lambda: learner.step(next(batches)), steps, device)
     return {"images_per_second": steps * b / seconds, "ms_per_step": 1000 * seconds / steps, "steps": steps,
             "warmup_steps": warmup, "batch": b, "images_in_memory": len(images)}
 
@@ -159,8 +160,8 @@ def steady_epoch(metrics: dict[str, Any]) -> dict[str, Any]:
 def measure_end_to_end(cfg: ExcbConfig, data: Any, steps: int, storage_path: str) -> dict[str, Any]:
     """A one-worker ``TorchTrainer`` run of two epochs of ``steps`` steps over ``data`` (the trainer's dataset);
     the second epoch's steady rate (:func:`steady_epoch`)."""
-    from excb.pretrain import TrainingError, build_trainer
-    from excb.runfiles import read_metrics
+    from excb.run.pretrain import TrainingError, build_trainer
+    from excb.run.runfiles import read_metrics
 
     run_cfg = from_dict(cfg.to_dict())
     run_cfg.train.epochs = 2
@@ -219,11 +220,11 @@ def run_bench(cfg: ExcbConfig, *, steps: int, warmup: int, out: str, command: st
     """All four measurements for ``cfg``; writes the result as JSON to ``out`` (atomically) and returns it.
 
     The end-to-end run's checkpoints go to ``storage_path``/bench-XXXX (default: a temporary folder, deleted)."""
-    from excb.pretrain import ensure_dataset, init_ray, training_dataset
-    from excb.scaling import plan_for
+    from excb.run.pretrain import ensure_dataset, init_ray, training_dataset
+    from excb.run.scaling import plan_for
+    from excb.run.worker import set_torch_threads
     from excb.storage import absolute, write_json
     from excb.storage import configure as configure_storage
-    from excb.train import set_torch_threads
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")

@@ -1,0 +1,1 @@
+"""Judging a pretraining: features, kNN and linear probes, clustering metrics, export and report plots."""
