@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from excb import console
+
 DEFAULT_CONFIG = "experiments/fashion_mnist.yaml"
 
 
@@ -20,7 +22,7 @@ def _default_config() -> str | None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from excb.data.shards import prepare_fashion_mnist, prepare_image_folder
+    from excb.data.prepare import prepare_fashion_mnist, prepare_image_folder
 
     if args.source == "fashion-mnist":
         meta = prepare_fashion_mnist(args.dest, limit=args.limit, rows_per_shard=args.rows_per_shard)
@@ -48,7 +50,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         plots = plot_run(run_dir)
     except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose a finished run over them
-        print(f"[excb] plotting failed: {e}", file=sys.stderr)
+        console.error(f"plotting failed: {e}")
     if "knn_top1" in summary:
         print(f"kNN top-1: {summary['knn_top1']:.2f}%  (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, "
               f"{summary['eval_train_rows']} train → {summary['eval_test_rows']} test images)")
@@ -68,7 +70,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from excb.evaluation.evaluate import evaluate_run
-    from excb.run.runfiles import read_summary, write_summary
+    from excb.rundir.runfiles import read_summary, write_summary
     from excb.storage import exists, join
 
     result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
@@ -83,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from excb.evaluation.export import ExportError, export_run
-    from excb.run.checkpoint import CheckpointError
+    from excb.rundir.checkpoint import CheckpointError
 
     try:
         meta = export_run(args.run_dir, args.out)
@@ -116,7 +118,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for path in plot_sweep(summary["experiment"]):
             print(path)
     except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best config are written
-        print(f"[excb] plotting failed: {e}", file=sys.stderr)
+        console.error(f"plotting failed: {e}")
     return 0
 
 

@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from benchlib import machine
+from step_profile import FASHION, RESNET50_224, profile
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from benchlib import machine  # noqa: E402
-from step_profile import FASHION, RESNET50_224, profile  # noqa: E402
 
 KS = (1024, 4096, 16384, 65536)
 

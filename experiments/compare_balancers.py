@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
 
 METHODS = ("excb", "centering", "sinkhorn", "none")
 LABELS = {"excb": "ExCB", "centering": "DINO centering", "sinkhorn": "SwAV Sinkhorn", "none": "no balancing"}

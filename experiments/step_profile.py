@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from excb.config import load_config  # noqa: E402
+from excb.config import load_config
 from excb.method.learner import ExcbLearner
-from excb.method.step import PhaseTimer  # noqa: E402
+from excb.method.step import PhaseTimer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=224", "data.mean=[0.485,0.456,0.406]",
                 "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,6 +76,30 @@ def _moto_server(**env: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fm_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """``fm_shards(rows=320, rows_per_shard=100)``: the path of the first ``rows`` Fashion-MNIST training images
+    (and the test split) written as shards, made once per session for each shape."""
+    from excb.data import prepare_fashion_mnist
+
+    made: dict[tuple[int, int], str] = {}
+
+    def make(rows: int = 320, rows_per_shard: int = 100) -> str:
+        if (rows, rows_per_shard) not in made:
+            dest = str(tmp_path_factory.mktemp("shards") / "fm")
+            prepare_fashion_mnist(dest, limit=rows, rows_per_shard=rows_per_shard)
+            made[(rows, rows_per_shard)] = dest
+        return made[(rows, rows_per_shard)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shards(fm_shards: Callable[..., str]) -> str:
+    """320 Fashion-MNIST training images in shards of 100 (the end-to-end tests' default data)."""
+    return fm_shards()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ from testkit.net import free_port
 
 from excb.method.balancing import ClusterBalancer
 from excb.method.kmeans import initial_centres, spherical_kmeans
+
+pytestmark = pytest.mark.slow  # spawns processes
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -136,6 +136,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sinkhorn_and_centering_over_two_ranks_equal_one_process_on_the_global_batch(tmp_path) -> None:
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(2)]

@@ -13,20 +13,12 @@ from testkit.configs import TINY
 
 from excb.cli import main as cli_main
 from excb.config import load_config
-from excb.data import prepare_fashion_mnist
 from excb.method.learner import ExcbLearner
 from excb.method.model import build_student_teacher
 from excb.run.bench import PHASES, steady_epoch
 from excb.run.scaling import plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = str(tmp_path_factory.mktemp("shards") / "fm")
-    prepare_fashion_mnist(dest, limit=320, rows_per_shard=100)
-    return dest
 
 
 @pytest.mark.ray
@@ -82,6 +74,7 @@ def test_max_steps_per_epoch_caps_the_plan() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="inductor's CPU backend is exercised on Linux")
+@pytest.mark.slow  # inductor compiles in worker processes
 def test_compiled_backbones_train_with_a_finite_loss() -> None:
     cfg = load_config(None, [*TINY, "train.compile=true", "train.batch_size=16"])
     torch.set_num_threads(1)

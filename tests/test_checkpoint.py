@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.run.checkpoint import (
+from excb.rundir.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
     list_checkpoints,
@@ -50,7 +50,7 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path: Path, damage: str, cap
         (bad / "state.pt").unlink()
     with pytest.raises(CheckpointError, match="checkpoint_epoch0002"):
         read_state_dir(str(bad))
-    with caplog.at_level(logging.WARNING, logger="excb.run.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="excb.rundir.checkpoint"):
         state, where = load_latest(list_checkpoints(str(tmp_path)))
     assert Path(where).name == "checkpoint_epoch0001" and state["epoch"] == 1
     assert "checkpoint_epoch0002" in caplog.text

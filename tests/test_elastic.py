@@ -18,8 +18,8 @@ from excb.config import load_config
 from excb.data import prepare_fashion_mnist
 from excb.method.schedules import build_schedules
 from excb.run.pretrain import run_pretraining
-from excb.run.runfiles import read_metrics
 from excb.run.scaling import plan_for
+from excb.rundir.runfiles import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

@@ -14,9 +14,9 @@ from testkit.configs import TINY
 import excb.storage
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.run.checkpoint import list_checkpoints, read_state_dir
 from excb.run.pretrain import run_pretraining
-from excb.run.runfiles import read_metrics, read_summary
+from excb.rundir.checkpoint import list_checkpoints, read_state_dir
+from excb.rundir.runfiles import read_metrics, read_summary
 from excb.storage import StorageError, read_text
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

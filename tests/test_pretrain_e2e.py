@@ -10,21 +10,13 @@ from testkit.configs import TINY
 
 from excb.cli import main as cli_main
 from excb.config import load_config
-from excb.data import prepare_fashion_mnist
 from excb.evaluation.evaluate import evaluate_run
 from excb.evaluation.report import plot_run
-from excb.run.checkpoint import list_checkpoints, read_state_dir
 from excb.run.pretrain import TrainingError, run_pretraining
-from excb.run.runfiles import read_metrics, read_summary
+from excb.rundir.checkpoint import list_checkpoints, read_state_dir
+from excb.rundir.runfiles import read_metrics, read_summary
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = str(tmp_path_factory.mktemp("shards") / "fm")
-    prepare_fashion_mnist(dest, limit=320, rows_per_shard=100)
-    return dest
 
 
 def _cfg(shards: str, *extra: str):

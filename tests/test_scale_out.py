@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,9 @@ import ray
 from testkit.configs import TINY
 
 from excb.config import dump_yaml, load_config
-from excb.data import prepare_fashion_mnist
-from excb.run.checkpoint import list_checkpoints, read_state_dir
 from excb.run.pretrain import run_pretraining
-from excb.run.runfiles import SAMPLE_IDS_DIR, read_metrics
+from excb.rundir.checkpoint import list_checkpoints, read_state_dir
+from excb.rundir.runfiles import SAMPLE_IDS_DIR, read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -32,10 +32,8 @@ STEPS = ROWS // BATCH  # 31 steps per epoch for any number of workers that divid
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = str(tmp_path_factory.mktemp("shards") / "fm")
-    prepare_fashion_mnist(dest, limit=ROWS, rows_per_shard=700)
-    return dest
+def shards(fm_shards: Callable[..., str]) -> str:
+    return fm_shards(ROWS, rows_per_shard=700)
 
 
 def _cfg(shards: str, *extra: str):

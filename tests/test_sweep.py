@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,16 @@ from testkit.configs import TINY
 
 from excb.cli import main as cli_main
 from excb.config import ConfigError, load_config
-from excb.data import prepare_fashion_mnist
 from excb.evaluation.report import plot_sweep
-from excb.run.runfiles import read_metrics
 from excb.run.sweep import load_sweep, param_space, run_sweep, trial_overrides
+from excb.rundir.runfiles import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = str(tmp_path_factory.mktemp("shards") / "fm")
-    prepare_fashion_mnist(dest, limit=320, rows_per_shard=160)
-    return dest
+def shards(fm_shards: Callable[..., str]) -> str:
+    return fm_shards(320, rows_per_shard=160)
 
 
 def _write_sweep(tmp_path: Path, shards: str, space: dict, **extra) -> Path:

@@ -11,6 +11,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from excb.config.sections import SECRET_KEYS, ConfigError, ExcbConfig
+from excb.config.validation import validate
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -106,7 +107,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section '{section}' must be a mapping")
         raw[section][key] = value
-    return from_dict(raw).validate()
+    return validate(from_dict(raw))
 
 
 

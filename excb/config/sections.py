@@ -185,12 +185,6 @@ class ExcbConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "ExcbConfig":
-        from excb.config.validation import validate
-
-        validate(self)
-        return self
-
 
 BACKBONES = ("convnet", "resnet18_small", "resnet50", "vit_s16")
 DATA_FORMATS = ("shards", "image_folder", "webdataset")

@@ -29,8 +29,8 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def validate(cfg: ExcbConfig) -> None:
-    """Reject values that cannot work, naming the key (runs before Ray or any worker starts)."""
+def validate(cfg: ExcbConfig) -> ExcbConfig:
+    """Reject values that cannot work, naming the key (runs before Ray or any worker starts); returns ``cfg``."""
     d, m, me, a, o, t, e = cfg.data, cfg.model, cfg.method, cfg.augment, cfg.optim, cfg.train, cfg.eval
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
@@ -118,3 +118,4 @@ def validate(cfg: ExcbConfig) -> None:
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
     _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "must be >= 1")
+    return cfg

@@ -18,11 +18,10 @@ from excb.data.pipeline import (
     load_split_arrays,
     read_split,
 )
+from excb.data.prepare import prepare_fashion_mnist, prepare_image_folder
 from excb.data.shards import (
     FORMAT,
     list_shards,
-    prepare_fashion_mnist,
-    prepare_image_folder,
     read_meta,
     resolve_fs,
     shards_exist,

@@ -29,6 +29,7 @@ def _open(data: bytes, image_size: int, channels: int) -> Image.Image:
 
 
 def _chw(img: Image.Image) -> np.ndarray:
+    """A decoded image as a contiguous uint8 ``[C, H, W]`` array."""
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None, :, :].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 

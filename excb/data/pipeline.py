@@ -1,25 +1,20 @@
-"""Ray Data and single-process readers: prepared shards, image folders and WebDataset tars
-(:mod:`excb.data.formats`), decoded into the columns the trainer consumes (``id``, ``image`` uint8 [C, S, S],
-``label``)."""
+"""Decode a split of any data format into the columns the trainer consumes (``id``, ``image`` uint8 [C, S, S],
+``label``): with Ray Data (materialised once or streamed) or in this process for evaluation. What differs per
+format (reading, counting, in-process loading) comes from the registry :mod:`excb.data.registry`."""
 
 from __future__ import annotations
 
-import posixpath
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from excb.data import formats
-from excb.data.decode import decode_batch, decode_batches
-from excb.data.errors import CorruptImageError, DatasetNotFoundError
-from excb.data.shards import list_shards, resolve_fs, verify_shards
-from excb.storage import ray_filesystem
+from excb.data.errors import CorruptImageError
+from excb.data.registry import RawSplit, data_format, detect_format
+from excb.data.shard_reader import read_split
 
 if TYPE_CHECKING:
     import ray.data
@@ -28,43 +23,6 @@ __all__ = ["DecodedSplit", "count_split_rows", "decoded_split", "load_split_arra
 
 _MAX_CORRUPT_IDS = 10
 _DECODE_BATCH_SIZE = 1024
-
-
-def _split_uri(uri: str, split: str) -> str:
-    """``uri/split`` with plain paths made absolute (Ray workers may run elsewhere)."""
-    if "://" in uri:
-        return posixpath.join(uri.rstrip("/"), split)
-    _fs, root = resolve_fs(uri)
-    return posixpath.join(root, split)
-
-
-def _require_shards(uri: str, split: str) -> list[str]:
-    shards = list_shards(uri, split)
-    if not shards:
-        raise DatasetNotFoundError(
-            f"no shards for split {split!r} at {_split_uri(uri, split)!r} "
-            "(expected part-*.parquet files). Create them with `excb prepare` "
-            f"(e.g. `excb prepare fashion-mnist --dest {uri}`)."
-        )
-    return shards
-
-
-def read_split(uri: str, split: str, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """Lazily read the Parquet shards of ``split`` as a :class:`ray.data.Dataset`.
-
-    For URIs, Ray's tasks get :func:`excb.storage.ray_filesystem` (the configured endpoint and credentials).
-    ``shuffle_seed`` shuffles the order of the shard files, anew on every execution.
-
-    Raises:
-        DatasetNotFoundError: the split folder is missing or has no shards.
-    """
-    import ray.data
-
-    _require_shards(uri, split)
-    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    return ray.data.read_parquet(
-        _split_uri(uri, split), file_extensions=["parquet"], filesystem=ray_filesystem(uri), shuffle=shuffle
-    )
 
 
 @dataclass
@@ -87,36 +45,24 @@ def _decode_clean(batch: dict[str, np.ndarray], *, decode: Any, **kwargs: Any) -
     return out if keep.all() else {k: v[keep] for k, v in out.items()}
 
 
-def _raw_split(uri: str, split: str, fmt: str, limit: int | None,
-               shuffle_seed: int | None) -> tuple[ray.data.Dataset, Any, dict[str, Any]]:
-    """The undecoded Ray dataset of a split (first ``limit`` rows), its decode function and extra kwargs."""
-    if fmt == "shards":
-        ds = read_split(uri, split, shuffle_seed=None if limit else shuffle_seed)
-        return (ds.limit(limit) if limit else ds), decode_batch, {}
-    if fmt == "image_folder":
-        listing = None
-        if limit:  # exactly the first `limit` files of the class-interleaved listing
-            listing = formats.list_image_folder(uri, split)
-            listing.items = listing.items[:limit]
-        ds, kwargs = formats.read_image_folder(uri, split, shuffle_seed=None if limit else shuffle_seed,
-                                               listing=listing)
-        return ds, formats.decode_folder_batch, kwargs
-    if fmt == "webdataset":
-        ds = formats.read_webdataset(uri, split, shuffle_seed=None if limit else shuffle_seed)
-        return (ds.limit(limit) if limit else ds), formats.decode_webdataset_batch, {}
-    raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(formats.FORMATS)})")
+def _raw_split(uri: str, split: str, fmt: str, limit: int | None, shuffle_seed: int | None) -> RawSplit:
+    """The undecoded Ray dataset of a split (first ``limit`` rows, then unshuffled), its decode function and extra
+    kwargs.
+
+    Raises:
+        ValueError: ``fmt`` is not a known data format.
+    """
+    return data_format(fmt).read_raw(uri, split, limit=limit, shuffle_seed=None if limit else shuffle_seed)
 
 
 def count_split_rows(uri: str, split: str, fmt: str = "shards", *, known: int = 0, retries: int = 3) -> int:
     """Rows of a split before decoding, cheaply: Parquet footers (shards), one recursive listing (image folder),
-    ``known`` if > 0 (image folder, webdataset), else one Ray Data pass over every tar (webdataset)."""
-    if fmt == "shards":
-        return verify_shards(uri, split, retries=retries)
-    if known > 0:
-        return known
-    if fmt == "image_folder":
-        return len(formats.list_image_folder(uri, split).items)
-    return formats.count_webdataset_samples(uri, split)
+    ``known`` if > 0 (image folder, webdataset), else one Ray Data pass over every tar (webdataset).
+
+    Raises:
+        ValueError: ``fmt`` is not a known data format.
+    """
+    return data_format(fmt, known_rows=known, retries=retries).count_rows(uri, split)
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:
@@ -176,7 +122,7 @@ def decoded_split(
 
     Args:
         limit: read only the first ``limit`` rows (image folders: of the class-interleaved listing).
-        fmt: ``shards``, ``image_folder`` or ``webdataset`` (see :mod:`excb.data.formats`).
+        fmt: ``shards``, ``image_folder`` or ``webdataset`` (see :mod:`excb.data.registry`).
         materialize: False streams: decoding happens in Ray Data's CPU tasks on every pass.
         rows: streaming only: the split's row count (default: :func:`count_split_rows`, capped at ``limit``).
         shuffle_seed: shuffle the file order, anew on every pass (streaming without ``limit``; materialized
@@ -245,31 +191,14 @@ def load_split_arrays(
     Rows are taken in a deterministic order (shards: shard file name, then row; image folders: classes
     interleaved; tars: file name, then member order); ``limit`` keeps the first ``limit`` rows; undecodable rows
     are skipped. ``fmt`` (shards | image_folder | webdataset) defaults to what is found at ``uri``
-    (:func:`excb.data.formats.detect_format`), so evaluation needs no format argument.
+    (:func:`excb.data.registry.detect_format`), so evaluation needs no format argument.
 
     Returns:
         ``(images uint8 [N, C, S, S], labels int64 [N])``; labels are -1 for
         unlabelled splits.
+
+    Raises:
+        ValueError: ``fmt`` is not a known data format.
     """
-    fmt = fmt or formats.detect_format(uri, split)
-    if fmt == "image_folder":
-        return formats.load_folder_arrays(uri, split, image_size=image_size, channels=channels, limit=limit)
-    if fmt == "webdataset":
-        return formats.load_webdataset_arrays(uri, split, image_size=image_size, channels=channels, limit=limit)
-    shards = _require_shards(uri, split)
-    fs, _root = resolve_fs(uri)
-    dataset = pads.dataset(shards, filesystem=fs, format="parquet")
-    columns = [c for c in ("id", "image", "label") if c in dataset.schema.names]
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        remaining = limit
-        for fragment in dataset.get_fragments():  # same order as `shards` (sorted)
-            if remaining is not None and remaining <= 0:
-                break
-            table = fragment.to_table(columns=columns)
-            if remaining is not None:
-                table = table.slice(0, remaining)
-                remaining -= table.num_rows
-            yield {name: table[name].to_numpy(zero_copy_only=False) for name in columns}
-
-    return decode_batches(batches(), decode_batch, image_size=image_size, channels=channels)
+    fmt = fmt or detect_format(uri, split)
+    return data_format(fmt).load_arrays(uri, split, image_size=image_size, channels=channels, limit=limit)

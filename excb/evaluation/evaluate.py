@@ -116,7 +116,7 @@ def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None
     path is returned as ``embedding_plot``)."""
     from excb.data.pipeline import load_split_arrays
     from excb.evaluation.metrics import estimate_stats
-    from excb.run.checkpoint import list_checkpoints, load_latest
+    from excb.rundir.checkpoint import list_checkpoints, load_latest
     from excb.storage import join
 
     state, where = load_latest(list_checkpoints(run_dir))

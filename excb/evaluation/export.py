@@ -107,7 +107,7 @@ def export_run(run_dir: str, out_dir: str | None = None) -> dict[str, Any]:
     ``RUN_DIR/export``; local path or URI). The weights are checked to load with ``strict=True`` into the
     standalone model before anything is written. Returns export.json's record plus the written ``paths``."""
     from excb.config import from_dict
-    from excb.run.checkpoint import list_checkpoints, load_latest
+    from excb.rundir.checkpoint import list_checkpoints, load_latest
 
     state, where = load_latest(list_checkpoints(run_dir))
     cfg = from_dict(state["config"])

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from excb.run.runfiles import read_metrics  # noqa: E402
+from excb.rundir.runfiles import read_metrics  # noqa: E402
 from excb.storage import atomic_write_bytes, exists, join, read_text, resolve_fs  # noqa: E402
 
 

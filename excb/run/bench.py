@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from excb.config import ExcbConfig, from_dict, redacted_dict
+from excb import console
+from excb.config import ExcbConfig, from_dict, redacted_dict, validate
 from excb.method.learner import ExcbLearner
 from excb.method.step import PhaseTimer
 
@@ -48,7 +49,7 @@ def bench_config(cfg: ExcbConfig) -> ExcbConfig:
     out.method.kmeans_init = False
     out.eval.epoch_knn_train = 0
     out.eval.final_eval = False
-    return out.validate()
+    return validate(out)
 
 
 def bench_device(cfg: ExcbConfig) -> torch.device:
@@ -161,12 +162,12 @@ def measure_end_to_end(cfg: ExcbConfig, data: Any, steps: int, storage_path: str
     """A one-worker ``TorchTrainer`` run of two epochs of ``steps`` steps over ``data`` (the trainer's dataset);
     the second epoch's steady rate (:func:`steady_epoch`)."""
     from excb.run.pretrain import TrainingError, build_trainer
-    from excb.run.runfiles import read_metrics
+    from excb.rundir.runfiles import read_metrics
 
     run_cfg = from_dict(cfg.to_dict())
     run_cfg.train.epochs = 2
     run_cfg.train.max_steps_per_epoch = steps
-    trainer, info = build_trainer(run_cfg.validate(), storage_path, f"bench-{uuid.uuid4().hex[:8]}", data=data)
+    trainer, info = build_trainer(validate(run_cfg), storage_path, f"bench-{uuid.uuid4().hex[:8]}", data=data)
     t0 = time.perf_counter()
     try:
         trainer.fit()
@@ -220,18 +221,15 @@ def run_bench(cfg: ExcbConfig, *, steps: int, warmup: int, out: str, command: st
     """All four measurements for ``cfg``; writes the result as JSON to ``out`` (atomically) and returns it.
 
     The end-to-end run's checkpoints go to ``storage_path``/bench-XXXX (default: a temporary folder, deleted)."""
-    from excb.run.pretrain import ensure_dataset, init_ray, training_dataset
+    from excb.run.pretrain import training_dataset
     from excb.run.scaling import plan_for
+    from excb.run.startup import start_driver
     from excb.run.worker import set_torch_threads
     from excb.storage import absolute, write_json
-    from excb.storage import configure as configure_storage
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
-    cfg = bench_config(cfg)
-    configure_storage(cfg.storage)
-    ensure_dataset(cfg)
-    init_ray(num_cpus)
+    cfg = start_driver(bench_config(cfg), num_cpus=num_cpus)
     device = bench_device(cfg)
     threads = set_torch_threads(cfg)
     data = training_dataset(cfg)
@@ -241,15 +239,15 @@ def run_bench(cfg: ExcbConfig, *, steps: int, warmup: int, out: str, command: st
         "command": command, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "settings": settings(cfg, device, threads, data.rows, steps, warmup),
         "config": redacted_dict(cfg)}
-    print(f"[excb] bench: data pipeline ({warmup} + {steps} batches)", flush=True)
+    console.info(f"bench: data pipeline ({warmup} + {steps} batches)")
     result["data"] = measure_data(data.dataset, data.rows, batch, steps, warmup, seed=cfg.train.seed)
-    print("[excb] bench: synthetic training step", flush=True)
+    console.info("bench: synthetic training step")
     result["synthetic"] = measure_synthetic(cfg, device, steps, warmup)
-    print("[excb] bench: plain PyTorch loop", flush=True)
+    console.info("bench: plain PyTorch loop")
     images = gather_images(data.dataset, min(data.rows, (warmup + steps) * batch))
     result["plain"] = measure_plain(cfg, device, images, steps, warmup)
     del images
-    print("[excb] bench: Ray Train, 1 worker (2 epochs, the second measured)", flush=True)
+    console.info("bench: Ray Train, 1 worker (2 epochs, the second measured)")
     tmp = tempfile.mkdtemp(prefix="excb-bench-") if storage_path is None else None
     try:
         result["end_to_end"] = measure_end_to_end(cfg, data, steps, absolute(storage_path or tmp))

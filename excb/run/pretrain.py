@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -16,17 +15,16 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from excb import console
 from excb.config import ExcbConfig, dump_yaml
-from excb.data.errors import DatasetNotFoundError
-from excb.data.formats import require_split
 from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
-from excb.data.shards import prepare_fashion_mnist, shards_exist
 from excb.evaluation.evaluate import evaluate_run
 from excb.method.step import NonFiniteLossError
-from excb.run.checkpoint import list_checkpoints
-from excb.run.runfiles import CONFIG_FILE, read_metrics, write_summary
 from excb.run.scaling import plan_for
+from excb.run.startup import init_ray, start_driver
 from excb.run.worker import train_worker
+from excb.rundir.checkpoint import list_checkpoints
+from excb.rundir.runfiles import CONFIG_FILE, read_metrics, write_summary
 from excb.storage import (
     absolute,
     check_reachable,
@@ -35,54 +33,12 @@ from excb.storage import (
     resolve_fs,
     write_text,
 )
-from excb.storage import configure as configure_storage
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training stopped; the message says why and which checkpoint is the last good one."""
-
-
-def ensure_dataset(cfg: ExcbConfig) -> None:
-    """Fashion-MNIST shards are prepared on first use; any other dataset must already exist (prepared shards, or
-    an image folder / WebDataset tars for ``data.format`` image_folder / webdataset, checked with one listing).
-    Object storage is checked first, so an unreachable endpoint or a missing bucket fails here, naming the URI.
-    When the run evaluates with kNN (per epoch or at the end), the test split (``val/`` or ``test/``) must exist
-    too. A local ``data.path`` is made absolute in ``cfg`` (Ray workers and Tune trials run in other
-    directories)."""
-    cfg.data.path = absolute(cfg.data.path)
-    check_reachable(cfg.data.path, "dataset")
-    if cfg.data.format != "shards":
-        require_split(cfg.data.path, "train", cfg.data.format)
-        if cfg.eval.epoch_knn_train > 0 or cfg.eval.final_eval:
-            try:
-                require_split(cfg.data.path, "test", cfg.data.format)
-            except DatasetNotFoundError as e:
-                raise DatasetNotFoundError(f"{e}; the kNN evaluation needs it (or set eval.epoch_knn_train=0 "
-                                           "eval.final_eval=false)") from None
-        return
-    if shards_exist(cfg.data.path):
-        return
-    if cfg.data.dataset == "fashion_mnist":
-        print(f"[excb] preparing Fashion-MNIST shards at {cfg.data.path} (first use)", flush=True)
-        prepare_fashion_mnist(cfg.data.path)
-        return
-    raise DatasetNotFoundError(
-        f"no prepared shards at {cfg.data.path}: run `excb prepare folder SRC {cfg.data.path}` "
-        f"(or `excb prepare fashion-mnist {cfg.data.path}`) first")
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Start (or join, when RAY_ADDRESS is set) a Ray instance, quietly."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-10 s progress dumps drown the epoch lines
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
 
 
 def _find_nonfinite(err: BaseException) -> str | None:
@@ -137,15 +93,15 @@ def training_dataset(cfg: ExcbConfig) -> DecodedSplit:
     rows = count_split_rows(d.path, "train", d.format, known=d.train_rows, retries=cfg.storage.read_retries)
     rows = min(rows, limit) if limit else rows
     if not should_materialize(cfg, rows):
-        print(f"[excb] streaming the train split ({rows} images, data.format={d.format}): read and decoded "
-              "every epoch", flush=True)
+        console.info(f"streaming the train split ({rows} images, data.format={d.format}): read and decoded "
+              "every epoch")
         return decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels, strict=d.strict_decode,
                              limit=limit, fmt=d.format, materialize=False, rows=rows, shuffle_seed=cfg.train.seed,
                              fit=fit)
     decoded = decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels,
                             strict=d.strict_decode, limit=limit, fmt=d.format, fit=fit)
     if decoded.corrupt:
-        print(f"[excb] skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})", flush=True)
+        console.info(f"skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})")
     return dataclasses.replace(decoded, dataset=decoded.dataset.randomize_block_order())
 
 
@@ -182,19 +138,18 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
                     num_cpus: int | None = None) -> dict[str, Any]:
     """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json."""
     t0 = time.time()
-    configure_storage(cfg.storage)
+    cfg = start_driver(cfg, num_cpus=num_cpus, start_ray=False)
     storage_path = absolute(storage_path)
     check_reachable(storage_path, "storage path")
-    ensure_dataset(cfg)
     init_ray(num_cpus)
     trainer, info = build_trainer(cfg, storage_path, name)
     run_dir = info["run_dir"]
     write_text(join(run_dir, CONFIG_FILE), dump_yaml(cfg))
-    print(f"[excb] run {run_dir}: {info['train_rows']} images, {info['steps_per_epoch']} steps/epoch, "
-          f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)", flush=True)
+    console.info(f"run {run_dir}: {info['train_rows']} images, {info['steps_per_epoch']} steps/epoch, "
+          f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
     if cfg.train.elastic:
-        print(f"[excb] elastic: {cfg.train.min_workers}-{cfg.train.max_workers} workers, per-worker batch "
-              f"{cfg.train.per_worker_batch}, lr scaled by workers/{cfg.train.max_workers}", flush=True)
+        console.info(f"elastic: {cfg.train.min_workers}-{cfg.train.max_workers} workers, per-worker batch "
+              f"{cfg.train.per_worker_batch}, lr scaled by workers/{cfg.train.max_workers}")
     t_fit = time.time()
     try:
         trainer.fit()
@@ -209,7 +164,7 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
     fit_seconds = time.time() - t_fit
     summary: dict[str, Any] = {}
     if cfg.eval.final_eval:
-        print("[excb] final evaluation (kNN on all train → test images) ...", flush=True)
+        console.info("final evaluation (kNN on all train → test images) ...")
         summary.update(evaluate_run(run_dir))
     history = read_metrics(run_dir)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from excb import console
 from excb.config import ConfigError, ExcbConfig, dump_yaml, load_config
 from excb.storage import join, write_json, write_text
 
@@ -118,13 +119,12 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any], experiment: str) -> 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from excb.run.pretrain import build_trainer, ensure_dataset
-    from excb.storage import configure as configure_storage
+    from excb.run.pretrain import build_trainer
+    from excb.run.startup import start_driver
 
     cfg = SweepSpec(**spec).base_config(trial_overrides(config))  # a bad value fails this trial only, naming the key
-    configure_storage(cfg.storage)
     cfg.eval.final_eval = False
-    ensure_dataset(cfg)
+    cfg = start_driver(cfg, start_ray=False)  # inside the trial: Ray is running already
     trial_id = tune.get_context().get_trial_id()
     trainer, _info = build_trainer(cfg, join(experiment, RUNS_DIR), trial_id,
                                    callbacks=[TuneReportCallback()])
@@ -156,7 +156,7 @@ def build_tuner(spec: SweepSpec, storage_path: str, name: str) -> Any:
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec.__dict__, experiment=experiment),
                                     spec.trial_resources)
     if tune.Tuner.can_restore(experiment):
-        print(f"[excb] resuming sweep {experiment}", flush=True)
+        console.info(f"resuming sweep {experiment}")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     epochs = spec.base_config().train.epochs
@@ -183,7 +183,7 @@ def trials_table(results: Any, spec: SweepSpec, experiment: str) -> list[dict[st
 
     Epochs and metrics come from the trial's own Train run (``runs/<trial_id>/metrics.jsonl``) when it exists:
     a trial that ASHA stops can finish the epoch it was in before it is stopped, and Tune's record ends earlier."""
-    from excb.run.runfiles import read_metrics
+    from excb.rundir.runfiles import read_metrics
     from excb.storage import exists
 
     pick = max if spec.mode == "max" else min
@@ -225,18 +225,14 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def run_sweep(spec: SweepSpec, storage_path: str = "runs", name: str = "sweep",
               num_cpus: int | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; write trials.csv, best_config.yaml and sweep.json; return the sweep summary."""
-    from excb.run.pretrain import ensure_dataset, init_ray
+    from excb.run.startup import start_driver
     from excb.storage import absolute
-    from excb.storage import configure as configure_storage
 
     storage_path = absolute(storage_path)
     # Trials run in their own working directories: pin the data path, and prepare the data once, here.
-    cfg = spec.base_config()
-    configure_storage(cfg.storage)
-    ensure_dataset(cfg)  # makes a local data.path absolute
+    cfg = start_driver(spec.base_config(), num_cpus=num_cpus)
     if "://" not in cfg.data.path:
         spec.overrides = [*spec.overrides, f"data.path={cfg.data.path}"]
-    init_ray(num_cpus)
     grid = build_tuner(spec, storage_path, name).fit()
     experiment = join(storage_path, name)
     rows = trials_table(grid, spec, experiment)

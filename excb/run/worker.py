@@ -8,7 +8,6 @@ resumes from the newest checkpoint that verifies, so the final state has each ep
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,29 +17,24 @@ import ray.train
 import ray.train.torch
 import torch
 
+from excb import console
 from excb.config import ExcbConfig, from_dict, redacted_dict
 from excb.data.pipeline import load_split_arrays
 from excb.distributed import all_reduce_mean
 from excb.evaluation.evaluate import evaluate_teacher
 from excb.evaluation.metrics import estimate_stats
 from excb.method.learner import ExcbLearner
-from excb.run.checkpoint import (
+from excb.run.scaling import plan_for
+from excb.rundir.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
     list_checkpoints,
     load_latest,
     new_local_state_dir,
 )
-from excb.run.runfiles import SAMPLE_IDS_DIR, write_metrics
-from excb.run.scaling import plan_for
+from excb.rundir.runfiles import SAMPLE_IDS_DIR, write_metrics
 from excb.storage import configure as configure_storage
 from excb.storage import join, write_text
-
-
-def say(message: str) -> None:
-    """One progress line on the worker's real stdout, which Ray forwards to the driver once (Ray Train's patched
-    ``print`` would also copy it through its logger, so every line would show twice)."""
-    print(message, file=sys.__stdout__, flush=True)
 
 
 def set_torch_threads(cfg: ExcbConfig) -> int:
@@ -121,6 +115,7 @@ def train_worker(config: dict[str, Any]) -> None:
     step count of :func:`excb.run.scaling.plan_for` for the group's size.
     """
     cfg = from_dict(config["cfg"])
+    console.use_real_stdout()
     configure_storage(cfg.storage)
     run_dir = config["run_dir"]
     ctx = ray.train.get_context()
@@ -142,7 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
         learner.load_state_dict(state)
         start_epoch, history = int(state["epoch"]), list(state["history"])
         if rank == 0:
-            say(f"[excb] resumed from {where}: epoch {start_epoch} done, {world} worker(s), global batch "
+            console.info(f"resumed from {where}: epoch {start_epoch} done, {world} worker(s), global batch "
                 f"{plan.global_batch}, lr x{plan.lr_scale:g}")
     elif cfg.method.kmeans_init:
         t0 = time.time()
@@ -151,7 +146,7 @@ def train_worker(config: dict[str, Any]) -> None:
         feed = EpochFeed(shard, plan.per_worker_batch, spe, device, seed=rank)
         counts = learner.init_prototypes(feed, per_rank, gen)
         if rank == 0:
-            say(f"[excb] k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
+            console.info(f"k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
                 f"({time.time() - t0:.1f}s)")
     learner.global_step = plan.start_step(start_epoch)  # after a resize, the new group's step count
 
@@ -175,7 +170,7 @@ def train_worker(config: dict[str, Any]) -> None:
             for key in sums:
                 sums[key] += float(getattr(stats, key))
             if rank == 0 and cfg.train.log_every_steps and (i + 1) % cfg.train.log_every_steps == 0:
-                say(f"[excb] epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}")
+                console.info(f"epoch {epoch + 1} step {i + 1}/{spe} loss {stats.loss:.4f}")
         seconds = time.time() - t0
         if feed.ids is not None:
             _write_sample_ids(run_dir, epoch + 1, rank, feed.ids)
@@ -200,7 +195,7 @@ def train_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(new_local_state_dir(state))
             write_metrics(run_dir, history)
             knn = f" knn(subset) {metrics['subset_knn_top1']:.2f}%" if "subset_knn_top1" in metrics else ""
-            say(f"[excb] epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
+            console.info(f"epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
                 f"{metrics['images_per_second']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
                 f"max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))

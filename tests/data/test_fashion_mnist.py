@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from excb.data import DatasetNotFoundError, load_fashion_mnist, read_idx_images, read_idx_labels
+from excb.data import (
+    DatasetNotFoundError,
+    load_fashion_mnist,
+    read_idx_images,
+    read_idx_labels,
+)
 from excb.data.fashion_mnist import ENV_VAR
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from testkit.tars import tar_bytes
 
 from excb.config import StorageConfig, load_config
 from excb.data import DatasetNotFoundError, decoded_split, load_split_arrays
-from excb.data.formats import detect_format, list_image_folder, require_split, tar_bytes
+from excb.data.formats import detect_format, list_image_folder, require_split
 from excb.data.pipeline import count_split_rows
 from excb.storage import atomic_write_bytes, configure, resolve_fs
 
@@ -173,7 +174,7 @@ def test_missing_or_empty_data_is_a_clear_error(where: str) -> None:
 
 
 def test_ensure_dataset_checks_the_format_not_shards(tmp_path: Path) -> None:
-    from excb.run.pretrain import ensure_dataset
+    from excb.run.startup import ensure_dataset
 
     root = tmp_path / "wds"
     base = ["data.dataset=mine", "data.format=webdataset", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
@@ -247,9 +248,10 @@ def test_streaming_drops_corrupt_images(ray_session: None, tmp_path: Path) -> No
 
 @pytest.mark.ray
 def test_pretrain_streams_webdataset(ray_session: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from testkit.configs import TINY
+
     from excb.run.pretrain import run_pretraining
-    from excb.run.runfiles import SAMPLE_IDS_DIR, read_metrics, read_summary
-    from tiny import TINY
+    from excb.rundir.runfiles import SAMPLE_IDS_DIR, read_metrics, read_summary
 
     data = tmp_path / "wds"
     expected = write_webdataset(str(data), train=48, val=12, per_tar=16)

@@ -10,8 +10,8 @@ import torch
 from excb.config import ExcbConfig, load_config
 from excb.method.learner import ExcbLearner
 from excb.method.model import ExcbNetwork
-from excb.run.checkpoint import checkpoint_dir_name, write_state_dir
 from excb.run.worker import training_state
+from excb.rundir.checkpoint import checkpoint_dir_name, write_state_dir
 from excb.storage import join
 
 SMALL_HEADS = ["model.projector_hidden=32", "model.projector_out=16", "model.predictor_hidden=32",

@@ -2,8 +2,8 @@
 (batch 256, 2 threads, 15 steps after 4) timed in the driver without Ray, in the driver with an idle local Ray
 instance up, in a Ray actor's main thread, in a thread of a Ray actor, and in a Ray Train worker.
 
-    .venv/bin/python experiments/ray_overhead_probe.py
-    RAY_enable_metrics_collection=0 .venv/bin/python experiments/ray_overhead_probe.py   # without Ray's metrics
+    .venv/bin/python experiments/probes/ray_overhead_probe.py
+    RAY_enable_metrics_collection=0 .venv/bin/python experiments/probes/ray_overhead_probe.py   # without Ray's metrics
 """
 
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "experiments" / "fashion_mnist.yaml")
 
 def timing(tag: str) -> dict:
