@@ -171,3 +171,17 @@ def test_vit_is_initialised_like_the_released_vit() -> None:
     bound = 1 / (3 * 16 * 16) ** 0.5  # kaiming_uniform(a=√5) of a fan-in 768 conv: U(±1/√fan_in)
     conv = vit.conv_proj.weight.detach()
     assert float(conv.abs().max()) <= bound and float(conv.std()) > bound / 3
+
+
+def test_torchvision_backbones_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ValueError, match="no final nn.Linear"):
+        build_backbone("torchvision:squeezenet1_0", 3)  # convolutional classifier
+    with pytest.raises(ValueError, match="not a torchvision classification model"):
+        build_backbone("torchvision:resnet_nope", 3)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        build_backbone("torchvision:resnet18", 2)
+    net = build_backbone("torchvision:resnet18", 1)  # one channel: repeated to three
+    assert net.out_dim == 512
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 32, 32)).shape == (2, 512)
