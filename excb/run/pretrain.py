@@ -21,13 +21,12 @@ from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
 from excb.evaluation.evaluate import evaluate_run
 from excb.method.step import NonFiniteLossError
 from excb.run.scaling import plan_for
-from excb.run.startup import init_ray, start_driver
+from excb.run.startup import start_driver
 from excb.run.worker import train_worker
 from excb.rundir.checkpoint import list_checkpoints
 from excb.rundir.runfiles import CONFIG_FILE, read_metrics, write_summary
 from excb.storage import (
     absolute,
-    check_reachable,
     join,
     ray_filesystem,
     resolve_fs,
@@ -138,10 +137,8 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
                     num_cpus: int | None = None) -> dict[str, Any]:
     """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json."""
     t0 = time.time()
-    cfg = start_driver(cfg, num_cpus=num_cpus, start_ray=False)
     storage_path = absolute(storage_path)
-    check_reachable(storage_path, "storage path")
-    init_ray(num_cpus)
+    cfg = start_driver(cfg, storage_path=storage_path, num_cpus=num_cpus)
     trainer, info = build_trainer(cfg, storage_path, name)
     run_dir = info["run_dir"]
     write_text(join(run_dir, CONFIG_FILE), dump_yaml(cfg))

@@ -66,10 +66,14 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
 
 
-def start_driver(cfg: ExcbConfig, *, num_cpus: int | None = None, start_ray: bool = True) -> ExcbConfig:
-    """Storage options from ``cfg.storage``, the dataset checked (or prepared), Ray started (``start_ray``);
-    returns the config with the resolved data path, the one every later step uses."""
+def start_driver(cfg: ExcbConfig, *, storage_path: str | None = None, num_cpus: int | None = None,
+                 start_ray: bool = True) -> ExcbConfig:
+    """In this order: storage options from ``cfg.storage``; ``storage_path`` (where runs are written, if given)
+    reachable; the dataset checked (or prepared); Ray started (``start_ray``). Returns the config with the
+    resolved data path, the one every later step uses."""
     configure_storage(cfg.storage)
+    if storage_path is not None:
+        check_reachable(storage_path, "storage path")
     cfg = with_data_path(cfg, ensure_dataset(cfg))
     if start_ray:
         init_ray(num_cpus)
