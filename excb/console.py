@@ -3,7 +3,9 @@
 ``info(message)`` writes one line to the process's standard output at the moment of the call (``sys.stdout``, so
 output captured by a caller or a test is respected); in a Ray Train worker, :func:`use_real_stdout` sends it to
 the worker's real stdout instead, which Ray forwards to the driver once (Ray Train's patched ``print`` would also
-copy it through its logger, so every line would show twice). Errors go to ``sys.stderr``.
+copy it through its logger, so every line would show twice). Errors go to ``sys.stderr``. Warnings stay on the
+modules' own ``logging`` loggers (``excb.data.shards``, ``excb.rundir.checkpoint``, ...), where applications and
+tests can filter and capture them.
 """
 
 from __future__ import annotations
