@@ -10,28 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from excb.evaluation.knn import knn_top1_blockwise
 
-@torch.no_grad()
+
 def knn_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+             k: int = 20, temperature: float = 0.07, chunk: int = 1024, train_block: int = 16384) -> float:
     """Weighted kNN top-1 (percent) with cosine similarity: each test sample's score for class c is
 
         Σ_{i ∈ top-k neighbours, y_i = c} exp(sim_i / T),
 
-    the prediction is the arg-max class (DINO's kNN protocol)."""
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
+    the prediction is the arg-max class (DINO's kNN protocol). Computed block-wise
+    (:func:`excb.evaluation.knn.knn_top1_blockwise`): ``train_block`` train rows × ``chunk`` test rows of
+    similarities at a time."""
     num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
-    k = min(k, train.shape[0])
-    correct = 0
-    for i in range(0, test.shape[0], chunk):
-        sims = test[i:i + chunk] @ train.T
-        top_sim, top_idx = sims.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
-        votes.scatter_add_(1, train_labels[top_idx].long(), weights)
-        correct += (votes.argmax(dim=1) == test_labels[i:i + chunk]).sum().item()
-    return 100.0 * correct / test.shape[0]
+    blocks = ((train_feats[i:i + train_block], train_labels[i:i + train_block])
+              for i in range(0, train_feats.shape[0], train_block))
+    return knn_top1_blockwise(blocks, test_feats, test_labels, num_classes, k, temperature, test_chunk=chunk)
 
 
 def share_stats(shares: np.ndarray | Tensor) -> dict[str, float]:
