@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from excb.data import load_fashion_mnist
-from excb.evaluation.knn import Neighbours, blockwise_neighbours, knn_top1_blockwise, merge_topk
+from excb.evaluation.knn import (
+    Neighbours,
+    blockwise_neighbours,
+    knn_top1_blockwise,
+    merge_topk,
+)
 from excb.evaluation.metrics import knn_top1
 
 
