@@ -73,9 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from excb.rundir.runfiles import read_summary, write_summary
     from excb.storage import exists, join
 
+    if args.limit < 0:
+        print("excb evaluate needs --limit >= 0", file=sys.stderr)
+        return 2
     result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
-                          linear_probe=False if args.no_linear_probe else None)
-    if args.write:
+                          linear_probe=False if args.no_linear_probe else None, limit=args.limit or None)
+    if args.write and not args.limit:  # a quick look on a subset never replaces the run's full numbers
         summary = read_summary(args.run_dir) if exists(join(args.run_dir, "summary.json")) else {}
         summary.update(result)
         write_summary(args.run_dir, summary)
@@ -172,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", nargs="?", const="pca", default=None, choices=["pca", "tsne"],
                    help="also draw the test features in 2-D (PCA, or t-SNE) into RUN_DIR/plots/embedding_*.png")
     p.add_argument("--plot-points", type=int, default=5000, help="at most this many test points in the plot")
-    p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe (kNN and clustering only)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="quick look: only the first N images of each split (summary.json is then left as it is)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write the teacher backbone of a run's newest checkpoint as a plain state "

@@ -85,3 +85,9 @@ def test_cli_evaluate_with_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert printed["embedding_plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
     assert cli_main(["evaluate", str(run), "--no-write", "--no-linear-probe"]) == 0
     assert "linear_top1" not in json.loads(capsys.readouterr().out)
+    before = (run / "summary.json").read_text()
+    assert cli_main(["evaluate", str(run), "--limit", "120", "--no-linear-probe"]) == 0
+    quick = json.loads(capsys.readouterr().out)
+    assert quick["eval_train_rows"] == 120 and quick["eval_test_rows"] == 120 and "knn_top1" in quick
+    assert (run / "summary.json").read_text() == before  # a quick look does not replace the full numbers
+    assert cli_main(["evaluate", str(run), "--limit", "-1"]) == 2

@@ -108,8 +108,9 @@ def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
 
 
 def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None = None,
-                 plot_points: int = 5000, linear_probe: bool | None = None) -> dict[str, Any]:
-    """Full evaluation of a run's newest good checkpoint on all train and test rows: kNN, linear probe (unless
+                 plot_points: int = 5000, linear_probe: bool | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Full evaluation of a run's newest good checkpoint on all train and test rows (the first ``limit`` of each
+    split when given: a quick look): kNN, linear probe (unless
     ``eval.linear_probe`` / ``linear_probe`` is off), NMI, ARI, cluster accuracies, cluster health of the train
     split's assignments and the size estimate's health. ``plot`` ("pca" or "tsne") also draws at most
     ``plot_points`` test features in 2-D, coloured by label, into RUN_DIR/plots/embedding_<method>.png (its
@@ -122,7 +123,7 @@ def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None
     state, where = load_latest(list_checkpoints(run_dir))
     teacher, cfg = teacher_from_state(state)
     path = data_path or cfg.data.path
-    kw = dict(image_size=cfg.data.image_size, channels=cfg.data.channels)
+    kw = dict(image_size=cfg.data.image_size, channels=cfg.data.channels, limit=limit)
     train_x, train_y = load_split_arrays(path, "train", **kw)
     test_x, test_y = load_split_arrays(path, "test", **kw)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
