@@ -13,8 +13,9 @@ from excb.config import load_config
 from excb.evaluation.evaluate import evaluate_run
 from excb.evaluation.report import plot_run
 from excb.run.pretrain import TrainingError, run_pretraining
-from excb.rundir.checkpoint import list_checkpoints, read_state_dir
+from excb.rundir.checkpoint import list_checkpoints, read_state_dir, staging_root
 from excb.rundir.runfiles import read_metrics, read_summary
+from excb.storage import absolute, join
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -62,10 +63,17 @@ def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, 
     # a finished run relaunched trains nothing more
     run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
     assert read_metrics(str(tmp_path / "r")) == second
-    # a corrupted newest checkpoint is detected; the relaunch resumes from the one before and redoes epoch 2
+    # checkpoints are staged locally and the staged copies removed once persisted: nothing is left behind
+    staging = Path(staging_root(join(absolute(str(tmp_path)), "r")))
+    assert not staging.exists() or list(staging.iterdir()) == []
+    # a corrupted newest checkpoint is detected; the relaunch resumes from the one before and redoes epoch 2; what
+    # a killed attempt left in the staging folder is cleared by the next one
     state_file = tmp_path / "r" / "checkpoint_epoch0002" / "state.pt"
     state_file.write_bytes(state_file.read_bytes()[:-100])
+    (staging / "epoch-killed").mkdir(parents=True)
+    (staging / "epoch-killed" / "state.pt").write_bytes(b"x" * 1000)
     run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    assert not staging.exists() or list(staging.iterdir()) == []
     third = read_metrics(str(tmp_path / "r"))
     assert [r["epoch"] for r in third] == [1, 2] and third[0] == first[0] and third[1]["step"] == 10
     assert third[1]["epoch_seconds"] != second[1]["epoch_seconds"]  # epoch 2 was trained again

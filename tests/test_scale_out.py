@@ -21,7 +21,7 @@ from testkit.configs import TINY
 
 from excb.config import dump_yaml, load_config
 from excb.run.pretrain import run_pretraining
-from excb.rundir.checkpoint import list_checkpoints, read_state_dir
+from excb.rundir.checkpoint import list_checkpoints, read_state_dir, staging_root
 from excb.rundir.runfiles import SAMPLE_IDS_DIR, read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -121,6 +121,8 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_session: None,
     state = read_state_dir(list_checkpoints(str(run_dir))[-1])
     assert state["step"] == result["value"]["optimizer_steps"] == 4 * STEPS  # as many steps as without the kill
     _check_each_pass_is_complete(run_dir, epochs=4)
+    staging = Path(staging_root(str(run_dir)))  # every staged checkpoint removed, across the kill and the resume
+    assert not staging.exists() or list(staging.iterdir()) == []
 
 
 def _check_each_pass_is_complete(run_dir: Path, epochs: int) -> None:

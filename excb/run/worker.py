@@ -8,6 +8,7 @@ resumes from the newest checkpoint that verifies, so the final state has each ep
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from excb.run.scaling import plan_for
 from excb.rundir.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
+    clear_staging,
     list_checkpoints,
     load_latest,
     new_local_state_dir,
@@ -127,6 +129,8 @@ def train_worker(config: dict[str, Any]) -> None:
     learner = ExcbLearner(cfg, spe, device=device, lr_scale=plan.lr_scale, global_batchnorm=world > 1,
                           wrap_student=ray.train.torch.prepare_model)  # moves to the device; DDP when world > 1
     shard = ray.train.get_dataset_shard("train")
+    if rank == 0:
+        clear_staging(run_dir)  # what a killed attempt of this run staged and never persisted
 
     start_epoch, history = 0, []
     try:
@@ -138,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
         start_epoch, history = int(state["epoch"]), list(state["history"])
         if rank == 0:
             console.info(f"resumed from {where}: epoch {start_epoch} done, {world} worker(s), global batch "
-                f"{plan.global_batch}, lr x{plan.lr_scale:g}")
+                         f"{plan.global_batch}, lr x{plan.lr_scale:g}")
     elif cfg.method.kmeans_init:
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
@@ -147,7 +151,7 @@ def train_worker(config: dict[str, Any]) -> None:
         counts = learner.init_prototypes(feed, per_rank, gen)
         if rank == 0:
             console.info(f"k-means prototype init: {int((counts > 0).sum())}/{len(counts)} clusters non-empty "
-                f"({time.time() - t0:.1f}s)")
+                         f"({time.time() - t0:.1f}s)")
     learner.global_step = plan.start_step(start_epoch)  # after a resize, the new group's step count
 
     knn_data = None
@@ -189,13 +193,20 @@ def train_worker(config: dict[str, Any]) -> None:
                                   linear_probe=False)  # per epoch: kNN and clustering only
             metrics.update({f"subset_{k}": v for k, v in ev.items()})
         history.append(metrics)
-        checkpoint = None
+        checkpoint, staged = None, None
         if rank == 0:
             state = training_state(learner, epoch + 1, history, cfg)
-            checkpoint = ray.train.Checkpoint.from_directory(new_local_state_dir(state))
+            staged = new_local_state_dir(state, run_dir)
+            checkpoint = ray.train.Checkpoint.from_directory(staged)
             write_metrics(run_dir, history)
             knn = f" knn(subset) {metrics['subset_knn_top1']:.2f}%" if "subset_knn_top1" in metrics else ""
             console.info(f"epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.4f}{knn} "
-                f"{metrics['images_per_second']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
-                f"max share x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))
+                         f"{metrics['images_per_second']:.0f} img/s, data wait "
+                         f"{100 * metrics['data_wait_fraction']:.1f}%, max share "
+                         f"x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
+        try:  # persisted synchronously; the staged copy is removed then, or when the report fails
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
+                             delete_local_checkpoint_after_upload=staged is not None)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 from typing import Any
 
@@ -49,9 +50,25 @@ def write_state_dir(state: dict[str, Any], directory: str) -> str:
     return directory
 
 
-def new_local_state_dir(state: dict[str, Any]) -> str:
-    """Write ``state`` into a fresh temporary local directory (for ``ray.train.Checkpoint.from_directory``)."""
-    return write_state_dir(state, tempfile.mkdtemp(prefix="excb-ckpt-"))
+def staging_root(run_dir: str) -> str:
+    """The local folder where a run stages its checkpoints before Ray Train persists them:
+    ``<temp>/excb-staging/<hash of run_dir>`` (one per run, so a new attempt can clear what a killed one left)."""
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "excb-staging", digest)
+
+
+def clear_staging(run_dir: str) -> None:
+    """Remove whatever earlier attempts of this run left in :func:`staging_root` on this machine (a worker that
+    was killed between staging and persisting a checkpoint)."""
+    shutil.rmtree(staging_root(run_dir), ignore_errors=True)
+
+
+def new_local_state_dir(state: dict[str, Any], run_dir: str) -> str:
+    """Write ``state`` into a fresh local directory under :func:`staging_root` (for
+    ``ray.train.Checkpoint.from_directory``); the caller removes it once Ray has persisted it."""
+    root = staging_root(run_dir)
+    os.makedirs(root, exist_ok=True)
+    return write_state_dir(state, tempfile.mkdtemp(prefix="epoch-", dir=root))
 
 
 def read_state_dir(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
