@@ -1,7 +1,7 @@
 """ExCB in a plain single-process PyTorch loop on in-memory Fashion-MNIST (no Ray).
 
-Uses exactly the project's learner and training step (``excb.method.learner.ExcbLearner``). Two uses: quick recipe exploration, and
-the reference a Ray Train run's throughput is compared with.
+Uses exactly the project's learner and training step (``excb.method.learner.ExcbLearner``). Two uses: quick
+recipe exploration, and the reference a Ray Train run's throughput is compared with.
 
     .venv/bin/python experiments/plain_loop.py --config experiments/fashion_mnist.yaml train.epochs=2
 """

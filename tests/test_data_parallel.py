@@ -1,9 +1,9 @@
 """Data parallelism is exact: 2 gloo ranks with batch B each train like 1 process with batch 2B.
 
 Real DDP (gradient all-reduce), batch norm over the global batch (student and teacher) and the all-reduced size
-estimate, through the same learner (``ExcbLearner``) the Ray worker steps. Views come from a deterministic view function, so
-both set-ups see the very same crops of the very same images. The ×1.01 argmax boost is switched off here: it is
-discontinuous, so a near-tie that float summation order resolves differently flips a target (measured: the loss
+estimate, through the same learner (``ExcbLearner``) the Ray worker steps. Views come from a deterministic view
+function, so both set-ups see the very same crops of the very same images. The ×1.01 argmax boost is switched off
+here: it is discontinuous, so a near-tie that float summation order resolves differently flips a target (measured: the loss
 then drifts by ~1e-3 after 4 steps, against ~1e-5 without the boost).
 """
 

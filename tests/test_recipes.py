@@ -1,6 +1,7 @@
 """The paper recipes (experiments/imagenet_*.yaml): every value of the method page's table, and two real
 optimisation steps with the recipe's own backbone (ResNet-50 / ViT-S/16), shrunk only through command-line-style
-overrides of image size, K, batch and device, through :class:`excb.method.learner.ExcbLearner` (what the Ray worker steps)."""
+overrides of image size, K, batch and device, through :class:`excb.method.learner.ExcbLearner` (what the Ray worker
+steps)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""The ExCB method: backbones, heads, balancing and its baselines, loss, views, schedules, k-means, and the learner that runs one training step."""
+"""The ExCB method: backbones, heads, balancing and its baselines, loss, views, schedules, k-means, and the
+learner that runs one training step."""

@@ -4,8 +4,9 @@ For a config (file + overrides, as for ``excb pretrain``) it measures images per
 
 - ``data``: the train dataset exactly as the trainer gets it (:func:`excb.run.pretrain.training_dataset`), iterated the
   way a worker iterates its shard (:class:`excb.run.worker.EpochFeed`: batch, drop_last, local shuffle), no model;
-- ``synthetic``: :func:`excb.method.step.train_step` on one in-memory uint8 batch, no Ray, with a worker's torch threads,
-  and the time of each phase of the step (:class:`excb.method.step.PhaseTimer`, in a separate run: it synchronises);
+- ``synthetic``: the learner's step (:func:`excb.method.step.train_step`) on one in-memory uint8 batch, no Ray,
+  with a worker's torch threads, and the time of each phase of the step (:class:`excb.method.step.PhaseTimer`, in
+  a separate run: it synchronises);
 - ``plain``: the same step in a plain PyTorch loop over the same decoded images (reshuffled every pass), no Ray;
 - ``end_to_end``: a real ``TorchTrainer`` run with one worker (:func:`excb.run.worker.train_worker`) over the real data,
   two epochs of ``steps`` steps (``train.max_steps_per_epoch``): the first is warm-up (compilation, allocator,
