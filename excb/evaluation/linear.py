@@ -23,21 +23,29 @@ from torch import Tensor
 Blocks = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a new pass over (features [M, D], labels [M]) blocks
 
 
-def streaming_moments(blocks: Blocks) -> tuple[Tensor, Tensor, int]:
-    """Per-dimension mean and standard deviation (population, floored at 1e-6) of the features of one pass, and
-    their count, from float64 sums of x and x²."""
+def _moments_and_block_rows(blocks: Blocks) -> tuple[Tensor, Tensor, list[int]]:
+    """One pass: per-dimension mean and standard deviation (population, floored at 1e-6) of the features, from
+    float64 sums of x and x², and the row count of every block."""
     total = total_sq = None
-    n = 0
+    rows: list[int] = []
     for x, _ in blocks():
         x = x.double()
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = x.pow(2).sum(0) if total_sq is None else total_sq + x.pow(2).sum(0)
-        n += x.shape[0]
+        rows.append(x.shape[0])
+    n = sum(rows)
     if total is None or total_sq is None or n == 0:
         raise ValueError("no training features")
     mean = total / n
     std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-    return mean.float(), std.float(), n
+    return mean.float(), std.float(), rows
+
+
+def streaming_moments(blocks: Blocks) -> tuple[Tensor, Tensor, int]:
+    """Per-dimension mean and standard deviation (population, floored at 1e-6) of the features of one pass, and
+    their count, from float64 sums of x and x²."""
+    mean, std, rows = _moments_and_block_rows(blocks)
+    return mean, std, sum(rows)
 
 
 def streaming_linear_probe(train_blocks: Blocks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
@@ -46,12 +54,11 @@ def streaming_linear_probe(train_blocks: Blocks, num_classes: int, *, epochs: in
     """Fit (W, b) as the module docstring says; returns (W, b, μ, σ)."""
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
-    mean, std, n = streaming_moments(train_blocks)
+    mean, std, block_rows = _moments_and_block_rows(train_blocks)
     weight = torch.zeros(num_classes, mean.shape[0], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     opt = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9)
-    steps_per_epoch = sum(math.ceil(x.shape[0] / batch_size) for x, _ in train_blocks())
-    total = epochs * steps_per_epoch
+    total = epochs * sum(math.ceil(rows / batch_size) for rows in block_rows)  # no extra pass to count steps
     gen = torch.Generator().manual_seed(seed)
     step = 0
     with torch.enable_grad():

@@ -7,7 +7,6 @@ The run's identity is ``storage_path/name``: relaunching the same pair resumes f
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Any
 
@@ -32,8 +31,6 @@ from excb.storage import (
     resolve_fs,
     write_text,
 )
-
-log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):

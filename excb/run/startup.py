@@ -12,8 +12,8 @@ import ray
 from excb import console
 from excb.config import ExcbConfig
 from excb.data.errors import DatasetNotFoundError
-from excb.data.formats import require_split
 from excb.data.prepare import prepare_fashion_mnist
+from excb.data.registry import require_split
 from excb.data.shards import shards_exist
 from excb.storage import absolute, check_reachable
 from excb.storage import configure as configure_storage

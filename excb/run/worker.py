@@ -204,9 +204,8 @@ def train_worker(config: dict[str, Any]) -> None:
                          f"{metrics['images_per_second']:.0f} img/s, data wait "
                          f"{100 * metrics['data_wait_fraction']:.1f}%, max share "
                          f"x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
-        try:  # persisted synchronously; the staged copy is removed then, or when the report fails
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
-                             delete_local_checkpoint_after_upload=staged is not None)
+        try:  # the report persists the checkpoint synchronously: the staged copy is not needed after it either way
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))
         finally:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
