@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -31,3 +32,13 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 def world_size() -> int:
     """Number of ranks (1 without an initialised process group)."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """``cat(x_0, ..., x_{W-1})`` along dim 0, every rank's ``x`` in rank order (all of the same shape); ``x`` itself
+    without a process group."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

@@ -20,6 +20,14 @@ def test_shipped_configs_load() -> None:
         load_sweep(path) if path.name.startswith("sweep_") else load_config(path)
 
 
+def test_mid_epoch_checkpoint_intervals_are_optional() -> None:
+    assert load_config(None).train.checkpoint_every_steps is None
+    cfg = load_config(None, ["train.checkpoint_every_steps=500", "train.checkpoint_every_minutes=30"])
+    assert cfg.train.checkpoint_every_steps == 500 and cfg.train.checkpoint_every_minutes == 30.0
+    with pytest.raises(ConfigError, match="log_every_steps"):
+        load_config(None, ["train.checkpoint_every_minutes=30", "train.log_every_steps=0"])
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config(None, ["train.epochs=3", "optim.lr=0.1", "model.convnet_widths=[8, 16]",
                              "model.use_predictor=false"])
@@ -40,6 +48,10 @@ def test_overrides_are_typed() -> None:
     ("data.train_decode=stretch", "data.train_decode"),
     ("model.projector_batching=per_crop", "model.projector_batching"),
     ("augment.blur_kernel_size=8", "augment.blur_kernel_size"),
+    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps"),
+    ("train.checkpoint_every_steps=-5", "train.checkpoint_every_steps"),
+    ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes"),
+    ("train.checkpoint_every_minutes=-1.5", "train.checkpoint_every_minutes"),
 ])
 def test_bad_keys_and_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

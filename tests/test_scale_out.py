@@ -42,11 +42,12 @@ def _cfg(shards: str, *extra: str):
 
 
 def _train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes (their process title names the actor class)."""
+    """PIDs of the live Ray Train worker processes of this test's Ray instance (started by this process, so its
+    descendants; their process title names the actor class)."""
     pids = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
                 pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -125,19 +126,77 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_session: None,
     assert not staging.exists() or list(staging.iterdir()) == []
 
 
-def _check_each_pass_is_complete(run_dir: Path, epochs: int) -> None:
-    """The data-order guarantee: every finished pass (including the restarted one) consumed STEPS×BATCH distinct
-    training rows, none skipped beyond the drop-last remainder, and the order changes from epoch to epoch."""
-    files = sorted((run_dir / SAMPLE_IDS_DIR).iterdir())
-    by_epoch: dict[int, list[list[str]]] = {}
-    for f in files:
-        by_epoch.setdefault(int(f.name[5:9]), []).append(f.read_text().split())
-    assert sorted(by_epoch) == list(range(1, epochs + 1))
-    for passes in by_epoch.values():
-        for ids in passes:
-            assert len(ids) == len(set(ids)) == STEPS * BATCH
-            assert all(i.startswith("train-") for i in ids)
-    assert by_epoch[1][0] != by_epoch[2][0]
+def _passes(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """The ids each rank consumed in each epoch, as the final state trained on them: the audit files are stretches
+    ``[first, end)`` of an epoch (whole passes, or the part up to a mid-epoch checkpoint); the stretch that reached
+    the epoch's end is followed back through the stretches ending where it started (a stretch written by an
+    attempt that was killed before its checkpoint persisted is left out this way)."""
+    stretches: dict[tuple[int, int], list[tuple[int, int, list[str]]]] = {}
+    for f in sorted((run_dir / SAMPLE_IDS_DIR).iterdir()):
+        epoch, rank, first, end, _attempt = f.stem.split("-")
+        stretches.setdefault((int(epoch[5:]), int(rank[4:])), []).append((int(first), int(end), f.read_text().split()))
+    passes = {}
+    for key, parts in stretches.items():
+        tail = max(parts, key=lambda p: p[1])
+        ids = tail[2]
+        while tail[0] > 0:
+            tail = next(p for p in parts if p[1] == tail[0])
+            ids = tail[2] + ids
+        passes[key] = ids
+    return passes
+
+
+def _check_each_pass_is_complete(run_dir: Path, epochs: int, workers: int = 1) -> dict[tuple[int, int], list[str]]:
+    """The data-order guarantee: in every epoch (including one restarted or resumed inside), each rank consumed
+    STEPS×BATCH/workers rows, no row twice across the ranks, none skipped beyond the drop-last remainder, and the
+    order changes from epoch to epoch."""
+    passes = _passes(run_dir)
+    assert sorted(passes) == [(e, r) for e in range(1, epochs + 1) for r in range(workers)]
+    for epoch in range(1, epochs + 1):
+        ranks = [passes[(epoch, r)] for r in range(workers)]
+        assert all(len(ids) == STEPS * BATCH // workers for ids in ranks)
+        everyone = [i for ids in ranks for i in ids]
+        assert len(set(everyone)) == STEPS * BATCH  # none twice; ROWS - STEPS×BATCH = 16 left out at most
+        assert all(i.startswith("train-") for i in everyone)
+    assert passes[(1, 0)] != passes[(2, 0)]
+    return passes
+
+
+def test_worker_killed_inside_an_epoch_resumes_at_the_next_step(ray_session: None, shards: str,
+                                                                tmp_path: Path) -> None:
+    """Mid-epoch checkpoints every 8 steps on 2 workers; a worker SIGKILLed in epoch 2 after one of them. The run
+    resumes at the checkpoint's step (not at the epoch's start), with the samples that epoch already consumed left
+    out of the rest of it: the audit shows every rank's 31 steps of the epoch once, no row twice across ranks and
+    attempts. Staging and the skip list are gone at the end."""
+    cfg = _cfg(shards, "train.epochs=3", "train.num_workers=2", "train.max_failures=2",
+               "train.record_sample_ids=true", "train.checkpoint_every_steps=8", "train.checkpoints_to_keep=3")
+    thread, result = _in_thread(lambda: run_pretraining(cfg, str(tmp_path), "m"))
+    run_dir = tmp_path / "m"
+    first_inside = run_dir / "checkpoint_epoch0001_img000000000512"  # epoch 2, step 8 of 31 (global batch 64)
+    while thread.is_alive() and not (first_inside / "state.json").exists():
+        time.sleep(0.05)
+    assert first_inside.exists(), "no checkpoint inside epoch 2 was written"
+    victims = _train_worker_pids()
+    assert len(victims) == 2, victims
+    os.kill(victims[1], signal.SIGKILL)
+    thread.join()
+    assert "error" not in result, result.get("error")
+
+    history = read_metrics(str(run_dir))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    resumed = history[1].get("resumed_at_images", 0)
+    assert resumed > 0 and resumed % (8 * BATCH) == 0, history[1]  # resumed inside epoch 2, at a checkpoint
+    assert "resumed_at_images" not in history[0] and "resumed_at_images" not in history[2]
+    assert [r["step"] for r in history] == [STEPS, 2 * STEPS, 3 * STEPS]  # no step trained twice or skipped
+    assert result["value"]["optimizer_steps"] == 3 * STEPS
+    _check_each_pass_is_complete(run_dir, epochs=3, workers=2)
+    assert not (run_dir / "resume" / "skip_ids.npy").exists()
+    names = [Path(c).name for c in list_checkpoints(str(run_dir))]
+    # Disk bounded by checkpoints_to_keep, plus at most one per failure: Ray Train 2.60 did not delete the
+    # checkpoint the restarted group resumed from in 1 of 1 runs here (noted on the issue).
+    assert names[-1] == "checkpoint_epoch0003" and len(names) <= 3 + 1, names
+    staging = Path(staging_root(str(run_dir)))
+    assert not staging.exists() or list(staging.iterdir()) == []
 
 
 def test_driver_killed_and_relaunched_resumes(ray_session: None, shards: str, tmp_path: Path) -> None:

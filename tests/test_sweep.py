@@ -57,7 +57,9 @@ def test_shipped_sweep_loads_and_bad_specs_are_refused(tmp_path: Path) -> None:
     for bad, match in (({"space": {"model.nope": {"grid": [1]}}}, "model.nope"),
                        ({"space": {"method.teacher_temp": {"between": [1, 2]}}}, "method.teacher_temp"),
                        ({"space": {"method.teacher_temp": {"loguniform": [0, 1]}}}, "loguniform"),
-                       ({"mode": "best"}, "mode"), ({"typo": 1}, "typo")):
+                       ({"mode": "best"}, "mode"), ({"typo": 1}, "typo"),
+                       ({"overrides": ["train.checkpoint_every_steps=100"]}, "checkpoint_every_steps"),
+                       ({"space": {"train.checkpoint_every_minutes": {"grid": [5.0]}}}, "checkpoint_every_minutes")):
         p = tmp_path / "bad.yaml"
         p.write_text(yaml.safe_dump({"base": None, **bad}))
         with pytest.raises(ConfigError, match=match):

@@ -118,6 +118,10 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    checkpoint_every_steps: int | None = None  # also checkpoint every N steps inside an epoch (null = at epoch
+    #   ends only); a resume continues the epoch at the next step without reusing its consumed samples
+    checkpoint_every_minutes: float | None = None  # also checkpoint inside an epoch when this much time has passed
+    #   since the last checkpoint (checked at each log step); either or both; null = off
     log_every_steps: int = 50
     record_sample_ids: bool = False  # audit: write the ids each rank consumed per epoch to RUN/sample_ids/
     compile: bool = False  # torch.compile the student and teacher backbones (in place, before DDP)

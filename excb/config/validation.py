@@ -114,6 +114,12 @@ def validate(cfg: ExcbConfig) -> ExcbConfig:
     _check(t.torch_threads >= 0, "train.torch_threads", "must be >= 0")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = retry forever)")
     _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+           f"must be >= 1 (or null: at epoch ends only), got {t.checkpoint_every_steps}")
+    _check(t.checkpoint_every_minutes is None or t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
+           f"must be > 0 (or null: off), got {t.checkpoint_every_minutes}")
+    _check(t.checkpoint_every_minutes is None or t.log_every_steps >= 1, "train.checkpoint_every_minutes",
+           "is checked at each log step: needs train.log_every_steps >= 1")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = a full pass)")
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
     _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")

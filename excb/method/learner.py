@@ -92,13 +92,14 @@ class ExcbLearner(nn.Module):
                         gen: torch.Generator | None = None) -> Tensor:
         """Spherical k-means over the (random-init) teacher's L2-normalised projector outputs of one global view of
         up to ``max_samples`` images on this rank (k-means itself is global: every rank gets the same centres),
-        copied into teacher and student prototypes. ``batches`` yields uint8 images, or (images, valid_hw or
-        None) as :class:`excb.run.worker.EpochFeed` does. Returns the final cluster counts."""
+        copied into teacher and student prototypes. ``batches`` yields uint8 images, or tuples whose first two items
+        are the images and their valid_hw or None (as :class:`excb.run.worker.EpochFeed` yields). Returns the final
+        cluster counts."""
         gen = gen or self.gen
         feats: list[Tensor] = []
         n = 0
         for batch in batches:
-            images, valid_hw = (batch, None) if isinstance(batch, Tensor) else batch
+            images, valid_hw = (batch, None) if isinstance(batch, Tensor) else batch[:2]
             view = self.augment(images, float(self.cfg.augment.crop_min_start), gen, valid_hw)[0]
             feats.append(torch.nn.functional.normalize(self.teacher.project([view])[0].float(), dim=1))
             n += view.shape[0]

@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 from excb import console
 from excb.config import ExcbConfig, dump_yaml
 from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
+from excb.data.skip_list import drop_listed
 from excb.evaluation.evaluate import evaluate_run
 from excb.method.step import NonFiniteLossError
 from excb.run.scaling import plan_for
@@ -114,6 +115,10 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
     run_dir = join(storage_path, name)
     fs = ray_filesystem(storage_path)
     ray_storage_path = resolve_fs(storage_path)[1] if fs is not None else storage_path
+    run_fs, run_path = resolve_fs(run_dir)
+    # A run resumed inside an epoch leaves out what that epoch already consumed (excb.data.skip_list).
+    dataset = decoded.dataset.map_batches(drop_listed, fn_kwargs={"fs": run_fs, "run_path": run_path},
+                                          batch_format="numpy", batch_size=None)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "train_rows": decoded.rows, "run_dir": run_dir},
@@ -123,7 +128,7 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks),
-        datasets={"train": decoded.dataset},
+        datasets={"train": dataset},
     )
     info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,
             "steps_per_epoch": plan.steps_per_epoch, "run_dir": run_dir}

@@ -79,6 +79,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     spec = SweepSpec(base=base, **raw)
     spec.overrides = [*spec.overrides, *overrides]
     cfg = spec.base_config()  # base + fixed overrides must be valid on their own
+    mid_epoch = [k for k in ("checkpoint_every_steps", "checkpoint_every_minutes")
+                 if getattr(cfg.train, k) is not None or f"train.{k}" in spec.space]
+    if mid_epoch:  # every report reaches Tune as one iteration: schedulers count epochs
+        raise ConfigError(f"train.{mid_epoch[0]}: sweeps checkpoint at epoch ends only (each report is one Tune "
+                          "iteration); leave it null")
     for key, dom in spec.space.items():
         section, _, name = key.partition(".")
         if not hasattr(cfg, section) or not hasattr(getattr(cfg, section), name):

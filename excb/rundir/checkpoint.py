@@ -1,5 +1,6 @@
 """Training-state checkpoints: one ``state.pt`` (plain tensors and numbers, loaded with weights_only=True) and a
-``state.json`` with its SHA-256, step and epoch, in a directory named ``checkpoint_epochNNNN``.
+``state.json`` with its SHA-256, step and epoch, in a directory named ``checkpoint_epochNNNN`` (or, inside an
+epoch, ``checkpoint_epochNNNN_imgMMMMMMMMMMMM``: see :func:`checkpoint_dir_name`).
 
 A checkpoint whose file is missing, fails its checksum or fails to load is skipped with a warning and the
 previous one is used.
@@ -33,8 +34,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint."""
 
 
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"{PREFIX}{epoch:04d}"
+def checkpoint_dir_name(epoch: int, images: int = 0) -> str:
+    """``checkpoint_epochNNNN`` after ``epoch`` whole epochs; ``checkpoint_epochNNNN_imgMMMMMMMMMMMM`` for a
+    mid-epoch checkpoint ``images`` samples (global, all ranks) into the next epoch. Names sort in training order,
+    also across a change of the group size (the image count does not depend on it)."""
+    return f"{PREFIX}{epoch:04d}" + (f"_img{images:012d}" if images else "")
 
 
 def write_state_dir(state: dict[str, Any], directory: str) -> str:
@@ -43,7 +47,8 @@ def write_state_dir(state: dict[str, Any], directory: str) -> str:
     torch.save(state, buf)
     data = buf.getvalue()
     meta = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "epoch": int(state.get("epoch", 0)), "step": int(state.get("step", 0))}
+            "epoch": int(state.get("epoch", 0)), "step": int(state.get("step", 0)),
+            "epoch_images": int(state.get("epoch_images", 0))}
     fs, path = resolve_fs(directory)
     atomic_write_bytes(fs, posixpath.join(path, STATE_FILE), data)
     atomic_write_bytes(fs, posixpath.join(path, META_FILE), json.dumps(meta).encode())
