@@ -4,7 +4,9 @@
     RUN_DIR/metrics.jsonl     one JSON object per finished epoch (rewritten atomically from the checkpointed history)
     RUN_DIR/summary.json      final evaluation and run totals
     RUN_DIR/plots/*.png       drawn by ``excb report``
-    RUN_DIR/sample_ids/       with ``train.record_sample_ids``: the ids each rank consumed in each finished pass
+    RUN_DIR/sample_ids/       with ``train.record_sample_ids``: the ids each rank consumed, per stretch of a pass
+                              that ended in a checkpoint (epochNNNN-rankR-FIRST-END-<attempt>.txt)
+    RUN_DIR/resume/           while an epoch resumed inside is running: the id hashes it leaves out
 """
 
 from __future__ import annotations
