@@ -34,6 +34,7 @@ __all__ = [
     "check_reachable",
     "clear_cache",
     "configure",
+    "data_filesystem",
     "delete_quietly",
     "exists",
     "join",
@@ -164,6 +165,18 @@ def ray_filesystem(uri: str) -> pafs.FileSystem | None:
     worker processes use the configured endpoint and credentials.
     """
     return resolve_fs(uri)[0] if "://" in uri else None
+
+
+def data_filesystem(uri: str) -> pafs.FileSystem | None:
+    """The filesystem Ray Data reads training data with: :func:`ray_filesystem` for object storage, behind
+    :class:`excb.retrying_fs.RetryingHandler` with ``storage.read_retries`` tries per call (a short outage is
+    waited out; a longer one stops the run naming the object); ``None`` for local paths."""
+    if "://" not in uri:
+        return None
+    from excb.retrying_fs import retrying
+
+    attempts = _options.read_retries if _options is not None else 3
+    return retrying(resolve_fs(uri)[0], attempts, scheme=urlsplit(uri).scheme)
 
 
 def _scrub(message: str) -> str:

@@ -5,16 +5,21 @@ log, output or saved file."""
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from testkit.configs import TINY
+from testkit.proxy import TcpProxy
 
 import excb.storage
 from excb.config import load_config
 from excb.data import prepare_fashion_mnist
-from excb.run.pretrain import run_pretraining
+from excb.run.pretrain import TrainingError, run_pretraining
 from excb.rundir.checkpoint import list_checkpoints, read_state_dir
 from excb.rundir.runfiles import read_metrics, read_summary
 from excb.storage import StorageError, read_text
@@ -89,3 +94,53 @@ def test_missing_bucket_and_unreachable_endpoint_fail_before_workers(ray_session
         run_pretraining(_cfg("http://127.0.0.1:9", f"s3://{bucket}/fm", "storage.connect_timeout_s=1"),
                         storage_path=f"s3://{bucket}/runs", name="x")
     assert not (tmp_path / "x").exists()
+
+
+def test_bucket_unreachable_mid_run_stops_naming_the_object_then_resumes(
+        ray_session: None, s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
+    """Data streamed from s3:// through a forwarder that goes down after epoch 1: the run retries
+    (storage.read_retries), then stops naming the object and the last good checkpoint, which is intact; with the
+    bucket back, the same command resumes from it and finishes with every epoch once."""
+    target = urlsplit(s3_endpoint)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 80)
+    data = f"s3://{bucket}/fm"
+    excb.storage.configure(_cfg(s3_endpoint, data).storage)
+    prepare_fashion_mnist(data, limit=640, rows_per_shard=64)  # 10 shards, read again every epoch
+    excb.storage.configure(None)
+    cfg = _cfg(proxy.url, data, "train.epochs=3", "data.materialize=false", "storage.read_retries=2",
+               "storage.connect_timeout_s=1", "storage.request_timeout_s=3", "eval.final_eval=false",
+               "eval.epoch_knn_train=0")
+    result: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            run_pretraining(cfg, storage_path=str(tmp_path), name="outage")
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["error"] = e
+
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        metrics = tmp_path / "outage" / "metrics.jsonl"
+        while thread.is_alive() and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        proxy.down()
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the run did not stop while the bucket was unreachable"
+        err = result.get("error")
+        assert isinstance(err, TrainingError), err
+        done = list_checkpoints(str(tmp_path / "outage"))
+        assert done and len(read_metrics(str(tmp_path / "outage"))) == len(done) < 3
+        message = str(err).splitlines()[0]
+        named = rf"object storage unreachable: could not [a-z ]+ s3://{bucket}/fm/train(/part-\d+\.parquet)? after"
+        assert re.search(named, message), message
+        assert "after 2 tries" in message and f"last good checkpoint: {done[-1]}" in message
+        assert SECRET not in str(err)
+        read_state_dir(done[-1])  # intact: verifies and loads
+
+        proxy.up()
+        summary = run_pretraining(cfg, storage_path=str(tmp_path), name="outage")
+        assert [r["epoch"] for r in read_metrics(str(tmp_path / "outage"))] == [1, 2, 3]
+        assert summary["optimizer_steps"] == 3 * 10
+    finally:
+        proxy.close()

@@ -39,7 +39,7 @@ from excb.data.raw_layout import (
     objects,
     split_folder,
 )
-from excb.storage import ray_filesystem, resolve_fs
+from excb.storage import data_filesystem, resolve_fs
 
 if TYPE_CHECKING:
     import ray.data
@@ -179,7 +179,7 @@ def read_image_folder(uri: str, split: str, *, shuffle_seed: int | None = None,
         raise _missing_split(uri, split)
     shown, folder = found
     _fs, root = resolve_fs(uri)
-    fs = ray_filesystem(uri)
+    fs = data_filesystem(uri)
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     paths: str | list[str] = [scheme + p for p, _ in listing.items] if listing is not None else shown
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None

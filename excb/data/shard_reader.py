@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 from excb.data.decode import decode_batch, decode_batches
 from excb.data.errors import DatasetNotFoundError
 from excb.data.shards import list_shards
-from excb.storage import join, ray_filesystem, resolve_fs
+from excb.storage import data_filesystem, join, resolve_fs
 
 if TYPE_CHECKING:
     import ray.data
@@ -59,7 +59,7 @@ def require_shard_split(uri: str, split: str) -> None:
 def read_split(uri: str, split: str, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """Lazily read the Parquet shards of ``split`` as a :class:`ray.data.Dataset`.
 
-    For URIs, Ray's tasks get :func:`excb.storage.ray_filesystem` (the configured endpoint and credentials).
+    For URIs, Ray's tasks get :func:`excb.storage.data_filesystem` (the configured endpoint and credentials).
     ``shuffle_seed`` shuffles the order of the shard files, anew on every execution.
 
     Raises:
@@ -70,7 +70,7 @@ def read_split(uri: str, split: str, *, shuffle_seed: int | None = None) -> ray.
     _require_shards(uri, split)
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     return ray.data.read_parquet(
-        _split_uri(uri, split), file_extensions=["parquet"], filesystem=ray_filesystem(uri), shuffle=shuffle
+        _split_uri(uri, split), file_extensions=["parquet"], filesystem=data_filesystem(uri), shuffle=shuffle
     )
 
 

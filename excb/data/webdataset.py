@@ -33,7 +33,7 @@ from excb.data.raw_layout import (
     objects,
     split_folder,
 )
-from excb.storage import ray_filesystem, resolve_fs
+from excb.storage import data_filesystem, resolve_fs
 
 if TYPE_CHECKING:
     import ray.data
@@ -148,7 +148,7 @@ def read_webdataset(uri: str, split: str, *, shuffle_seed: int | None = None) ->
         raise _no_tars(uri, split)
     shown, _folder = split_folder(uri, split)  # type: ignore[misc]
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    return ray.data.read_webdataset(shown, filesystem=ray_filesystem(uri), decoder=None, shuffle=shuffle,
+    return ray.data.read_webdataset(shown, filesystem=data_filesystem(uri), decoder=None, shuffle=shuffle,
                                     file_extensions=["tar"])
 
 
@@ -158,7 +158,7 @@ def count_webdataset_samples(uri: str, split: str) -> int:
     import ray.data
 
     shown, _folder = split_folder(uri, split)  # type: ignore[misc]
-    ds = ray.data.read_webdataset(shown, filesystem=ray_filesystem(uri), decoder=None, file_extensions=["tar"],
+    ds = ray.data.read_webdataset(shown, filesystem=data_filesystem(uri), decoder=None, file_extensions=["tar"],
                                   fileselect=_select_image_members)
     return int(ds.select_columns(["__key__"]).count())
 

@@ -52,6 +52,24 @@ def _find_nonfinite(err: BaseException) -> str | None:
     return None
 
 
+_UNREACHABLE = "object storage unreachable: "
+
+
+def _find_unreachable(err: BaseException) -> str | None:
+    """The :class:`excb.retrying_fs.StorageUnreachableError` message inside Ray's wrapped worker error, if any."""
+    texts: list[str] = []
+    todo: list[BaseException] = [err]
+    while todo and len(texts) < 50:  # the chain, and Ray Train's per-rank failures with their task errors' causes
+        cur = todo.pop()
+        texts.append(str(cur))
+        todo.extend(e for e in (cur.__cause__, cur.__context__, getattr(cur, "cause", None)) if e is not None)
+        todo.extend(v for v in (getattr(cur, "worker_failures", None) or {}).values() if isinstance(v, BaseException))
+    text = "\n".join(texts)
+    if _UNREACHABLE not in text:
+        return None
+    return _UNREACHABLE + text.split(_UNREACHABLE, 1)[1].split("\n")[0].rstrip("')\"")
+
+
 def _scaling_config(cfg: ExcbConfig) -> ray.train.ScalingConfig:
     """Fixed ``N`` workers, or ``(min, max)`` for Ray Train's elastic scaling; resources per worker."""
     t = cfg.train
@@ -159,6 +177,10 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
         if reason is not None:
             raise TrainingError(f"training stopped: non-finite loss ({reason}); "
                                 f"last good checkpoint: {last}") from e
+        unreachable = _find_unreachable(e)
+        if unreachable is not None:
+            raise TrainingError(f"training stopped: {unreachable}; last good checkpoint: {last} (run the same "
+                                "command again to resume once the storage answers)") from e
         raise TrainingError(f"training failed: {e}; last good checkpoint: {last}") from e
     fit_seconds = time.time() - t_fit
     summary: dict[str, Any] = {}
