@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import excb.cli, ray, torch, moto" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import excb.cli, ray, torch, moto, tensorboard, wandb" >/dev/null 2>&1; then
   echo "[setup] installing excb and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from testkit.configs import TINY
 
 from excb.cli import main as cli_main
@@ -25,10 +26,20 @@ def _cfg(shards: str, *extra: str):
 
 
 def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                         monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(Path(shards).parent)  # relative data path, as in the shipped configs
-    summary = run_pretraining(_cfg(Path(shards).name, "train.epochs=2"), storage_path=str(tmp_path), name="run")
+    summary = run_pretraining(_cfg(Path(shards).name, "train.epochs=2", "train.log_every_steps=2"),
+                              storage_path=str(tmp_path), name="run")
     run_dir = tmp_path / "run"
+    out = capfd.readouterr().out
+    assert "epoch 1/2 step 2/5 | loss " in out and "ETA epoch" in out  # one progress line per log interval
+    # TensorBoard by default: per log step (steps 2, 4 of each 5-step epoch) and per epoch
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 7, 9]
+    assert {"train/lr", "train/teacher_confidence", "train/changed_by_balancing"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("epoch/subset_knn_top1")] == [5, 10]
+    assert [e.step for e in acc.Scalars("epoch/estimate_max_cluster_share_x_uniform")] == [5, 10]
     history = read_metrics(str(run_dir))
     assert [r["epoch"] for r in history] == [1, 2]
     assert history[-1]["step"] == 2 * 5  # 320 rows // 64 = 5 steps per epoch

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + ``section.key=value`` overrides, validated before anything starts.
 
-A config has one section per concern (data, model, method, augment, optim, train, eval, storage). Every key has a
-default (:mod:`excb.config.sections`), so a YAML file only lists what it changes. Unknown sections or keys and
+A config has one section per concern (data, model, method, augment, optim, train, eval, storage, tracking). Every
+key has a default (:mod:`excb.config.sections`), so a YAML file only lists what it changes. Unknown sections or keys and
 invalid values (:mod:`excb.config.validation`) raise :class:`ConfigError` naming the offending key.
 """
 
@@ -19,6 +19,7 @@ from excb.config.sections import (
     RELEASED_BLUR_P,
     SECRET_KEYS,
     TRAIN_DECODES,
+    WANDB_MODES,
     AugmentConfig,
     ConfigError,
     DataConfig,
@@ -28,13 +29,14 @@ from excb.config.sections import (
     ModelConfig,
     OptimConfig,
     StorageConfig,
+    TrackingConfig,
     TrainConfig,
 )
 from excb.config.validation import validate
 
 __all__ = [
-    "BACKBONES", "BALANCERS", "DATA_FORMATS", "RELEASED_BLUR_P", "SECRET_KEYS", "TRAIN_DECODES",
+    "BACKBONES", "BALANCERS", "DATA_FORMATS", "RELEASED_BLUR_P", "SECRET_KEYS", "TRAIN_DECODES", "WANDB_MODES",
     "AugmentConfig", "ConfigError", "DataConfig", "EvalConfig", "ExcbConfig", "MethodConfig", "ModelConfig",
-    "OptimConfig", "StorageConfig", "TrainConfig", "dump_yaml", "from_dict", "load_config", "parse_override",
-    "redacted_dict", "validate",
+    "OptimConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "dump_yaml", "from_dict", "load_config",
+    "parse_override", "redacted_dict", "validate",
 ]

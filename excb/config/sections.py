@@ -172,6 +172,25 @@ class StorageConfig:
     read_retries: int = 3  # attempts per shard read before the shard is reported by name
 
 
+@dataclass
+class TrackingConfig:
+    """Experiment trackers: the rank-0 worker writes the run's scalars (per log interval and per epoch) to each one
+    enabled. Credentials come only from the environment of the training workers (WANDB_API_KEY; MLFLOW_TRACKING_TOKEN
+    or MLFLOW_TRACKING_USERNAME/PASSWORD); none is a config key, and none is written into the run directory."""
+
+    tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard/ (`tensorboard --logdir RUN/tensorboard`)
+    upload_every_s: float = 60.0  # within an epoch, copy the event file into the run dir this often (it is
+    #   always copied at each epoch end and when the run stops); the file is written in a local folder first
+    wandb: bool = False  # Weights & Biases (pip install 'excb[wandb]'); online mode needs WANDB_API_KEY
+    wandb_project: str = "excb"
+    wandb_entity: str = ""  # "" = the default entity of the API key
+    wandb_mode: str = "online"  # online | offline (run files in RUN/wandb/; upload later with `wandb sync`)
+    mlflow: bool = False  # MLflow (pip install 'excb[mlflow]')
+    mlflow_tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else a file store in RUN/mlruns (local run dirs)
+    mlflow_experiment: str = "excb"
+    run_name: str = ""  # the W&B / MLflow run's name; "" = the run directory's name
+
+
 SECRET_KEYS = ("access_key_id", "secret_access_key")
 
 
@@ -185,6 +204,7 @@ class ExcbConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,3 +215,4 @@ DATA_FORMATS = ("shards", "image_folder", "webdataset")
 BALANCERS = ("excb", "centering", "sinkhorn", "none")
 TRAIN_DECODES = ("fit", "centre_crop")
 RELEASED_BLUR_P = (1.0, 0.1)  # the released code's per-global-view blur list (configs/main_config.yaml: p_blur)
+WANDB_MODES = ("online", "offline")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from urllib.parse import urlsplit
 
 from excb.config.sections import (
     BACKBONES,
@@ -10,6 +11,7 @@ from excb.config.sections import (
     DATA_FORMATS,
     RELEASED_BLUR_P,
     TRAIN_DECODES,
+    WANDB_MODES,
     ConfigError,
     ExcbConfig,
 )
@@ -124,4 +126,30 @@ def validate(cfg: ExcbConfig) -> ExcbConfig:
     _check(e.knn_k >= 1 and e.knn_temperature > 0, "eval.knn_k", "knn_k must be >= 1 and knn_temperature > 0")
     _check(e.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "must be >= 1")
+    _validate_tracking(cfg)
     return cfg
+
+
+_WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project names
+
+
+def _validate_tracking(cfg: ExcbConfig) -> None:
+    """The ``tracking`` section; a tracker URI holding credentials is refused (the config is saved with the run)."""
+    tr = cfg.tracking
+    _check(tr.upload_every_s > 0 and math.isfinite(tr.upload_every_s), "tracking.upload_every_s",
+           f"must be a positive number of seconds, got {tr.upload_every_s}")
+    _check(tr.wandb_mode in WANDB_MODES, "tracking.wandb_mode", f"must be one of {WANDB_MODES}, got {tr.wandb_mode!r}")
+    _check(bool(tr.wandb_project.strip()) and not any(c in tr.wandb_project for c in _WANDB_PROJECT_FORBIDDEN),
+           "tracking.wandb_project", f"must be a non-empty name without any of {_WANDB_PROJECT_FORBIDDEN!r}, "
+           f"got {tr.wandb_project!r}")
+    _check(bool(tr.mlflow_experiment.strip()), "tracking.mlflow_experiment", "must be a non-empty name")
+    uri = tr.mlflow_tracking_uri
+    try:
+        parts = urlsplit(uri)
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        parts, has_credentials = None, False
+    _check(parts is not None, "tracking.mlflow_tracking_uri", "is not a valid URI")
+    _check(not has_credentials, "tracking.mlflow_tracking_uri",
+           "must not hold credentials (the config is saved with the run): put them in the environment as "
+           "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")

@@ -15,6 +15,7 @@ from excb.data.errors import DatasetNotFoundError
 from excb.data.prepare import prepare_fashion_mnist
 from excb.data.registry import require_split
 from excb.data.shards import shards_exist
+from excb.run.tracking import check_available as check_trackers
 from excb.storage import absolute, check_reachable
 from excb.storage import configure as configure_storage
 
@@ -68,9 +69,10 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def start_driver(cfg: ExcbConfig, *, storage_path: str | None = None, num_cpus: int | None = None,
                  start_ray: bool = True) -> ExcbConfig:
-    """In this order: storage options from ``cfg.storage``; ``storage_path`` (where runs are written, if given)
-    reachable; the dataset checked (or prepared); Ray started (``start_ray``). Returns the config with the
-    resolved data path, the one every later step uses."""
+    """In this order: the requested experiment trackers installed; storage options from ``cfg.storage``;
+    ``storage_path`` (where runs are written, if given) reachable; the dataset checked (or prepared); Ray started
+    (``start_ray``). Returns the config with the resolved data path, the one every later step uses."""
+    check_trackers(cfg)  # a requested tracker library that is not installed fails here, before Ray starts
     configure_storage(cfg.storage)
     if storage_path is not None:
         check_reachable(storage_path, "storage path")

@@ -30,7 +30,9 @@ from excb.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from excb.evaluation.evaluate import evaluate_teacher
 from excb.evaluation.metrics import estimate_stats
 from excb.method.learner import ExcbLearner
-from excb.run.scaling import plan_for
+from excb.run.progress import ProgressMeter
+from excb.run.scaling import GroupPlan, plan_for
+from excb.run.tracking import NULL_TRACKER, Tracker, open_trackers
 from excb.rundir.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
@@ -262,6 +264,39 @@ def train_worker(config: dict[str, Any]) -> None:
 
     timer = MidEpochTimer(cfg)
     track_ids = timer.enabled or cfg.train.record_sample_ids
+    resume_step = plan.start_step(start_epoch) + min(-(-position.images // gb), spe)
+    tracker = open_trackers(cfg, run_dir, resume_step=resume_step) if rank == 0 else NULL_TRACKER
+    progress = ProgressMeter(cfg.train.epochs, spe, gb, resume_step)
+    me = RankContext(cfg, learner, shard, plan, rank, world, device, run_dir)
+    try:
+        _train_epochs(me, start_epoch, position, history, knn_data, timer, track_ids, tracker, progress)
+    finally:
+        tracker.close()
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What one rank of the worker group trains with."""
+
+    cfg: ExcbConfig
+    learner: ExcbLearner
+    shard: Any
+    plan: GroupPlan
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: str
+
+
+def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, history: list[dict[str, Any]],
+                  knn_data: Any, timer: MidEpochTimer, track_ids: bool, tracker: Tracker,
+                  progress: ProgressMeter) -> None:
+    """The epochs from ``start_epoch`` (resumed at ``position`` inside it): steps, a progress line and tracker
+    scalars every ``train.log_every_steps``, checkpoints inside epochs when ``timer`` says so and at their ends."""
+    cfg, learner, shard, plan, rank, world, device, run_dir = (me.cfg, me.learner, me.shard, me.plan, me.rank,
+                                                               me.world, me.device, me.run_dir)
+    spe, gb = plan.steps_per_epoch, plan.global_batch
+    run_fs, run_path = resolve_fs(run_dir)
     learner.train()
     for epoch in range(start_epoch, cfg.train.epochs):
         before = position if epoch == start_epoch else EpochPosition()
@@ -275,6 +310,7 @@ def train_worker(config: dict[str, Any]) -> None:
         audit_first = before.images
         feed = EpochFeed(shard, plan.per_worker_batch, spe - done, device,
                          seed=(cfg.train.seed + 1) * 7919 + epoch * 31 + rank + 7 * done)
+        interval = (t0, 0.0, done)  # start of the logging interval: time, data wait so far, steps
         for n, (images, valid_hw, ids) in enumerate(feed):
             i = done + n + 1  # steps of the epoch done after this one
             gen.manual_seed(step_seed(cfg.train.seed, epoch, rank, i - 1))
@@ -286,7 +322,17 @@ def train_worker(config: dict[str, Any]) -> None:
                 if cfg.train.record_sample_ids:
                     audit.extend(str(x) for x in ids)
             if rank == 0 and cfg.train.log_every_steps and i % cfg.train.log_every_steps == 0:
-                console.info(f"epoch {epoch + 1} step {i}/{spe} loss {stats.loss:.4f}")
+                now_t = time.time()
+                loss = float(stats.loss)
+                console.info(progress.update(epoch, i, learner.global_step, loss, now_t - interval[0],
+                                             feed.wait_seconds - interval[1]))
+                tracker.log_step(learner.global_step, {
+                    "loss": loss, "lr": float(learner.schedules.lr[learner.global_step - 1]),
+                    "teacher_confidence": float(stats.teacher_confidence),
+                    "changed_by_balancing": float(stats.changed_by_balancing),
+                    "unique_targets": float(stats.unique_targets),
+                    "images_per_second": (i - interval[2]) * gb / max(now_t - interval[0], 1e-9)})
+                interval = (now_t, feed.wait_seconds, i)
             if timer.due(i, spe, rank, device):
                 images_done = before.images + (n + 1) * gb
                 mine = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
@@ -329,6 +375,7 @@ def train_worker(config: dict[str, Any]) -> None:
                                   linear_probe=False)  # per epoch: kNN and clustering only
             metrics.update({f"subset_{k}": v for k, v in ev.items()})
         history.append(metrics)
+        tracker.log_epoch(epoch + 1, step, metrics)
         state = None
         if rank == 0:
             state = training_state(learner, epoch + 1, history, cfg)
