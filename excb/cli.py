@@ -11,6 +11,9 @@ from pathlib import Path
 from excb import console
 
 DEFAULT_CONFIG = "experiments/fashion_mnist.yaml"
+VERBOSE_HELP = ("also show what Ray and the libraries print for themselves: Ray Train's per-report lines, Ray "
+                "Data's execution and progress output, Ray's start-up notices, deprecation/future warnings "
+                "(also: EXCB_VERBOSE=1)")
 
 
 def _default_config() -> str | None:
@@ -164,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="runs", help="where runs live (local path or s3:// URI)")
     p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray instance")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_pretrain)
 
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="runs")
     p.add_argument("--name", default=None, help="sweep name (default: the sweep file's stem)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
     p.set_defaults(func=cmd_sweep)
 
@@ -208,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None,
                    help="keep the Ray Train run here (default: a temporary folder, deleted afterwards)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray instance")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.backbone=resnet18_small")
     p.set_defaults(func=cmd_bench)
     return ap
@@ -216,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # pretrain, sweep, bench: --verbose, or else EXCB_VERBOSE; the other commands print nothing of Ray's
+    previous = console.set_verbose(True if getattr(args, "verbose", False) else None)
+    try:
+        if hasattr(args, "verbose") and not console.is_verbose():
+            console.hide_library_warnings()  # import-time warnings of torch & co.; again once Ray is imported
+        return _run(args)
+    finally:
+        console.set_verbose(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from excb.config import ConfigError
     from excb.data.errors import CorruptImageError, DatasetNotFoundError, ShardReadError
     from excb.run.pretrain import TrainingError

@@ -7,6 +7,7 @@ The run's identity is ``storage_path/name``: relaunching the same pair resumes f
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from excb.data.skip_list import drop_listed
 from excb.evaluation.evaluate import evaluate_run
 from excb.method.step import NonFiniteLossError
 from excb.run.scaling import plan_for
-from excb.run.startup import start_driver
+from excb.run.startup import start_driver, train_logging_config
 from excb.run.worker import train_worker
 from excb.rundir.checkpoint import list_checkpoints
 from excb.rundir.runfiles import CONFIG_FILE, read_metrics, write_summary
@@ -38,18 +39,24 @@ class TrainingError(RuntimeError):
     """Training stopped; the message says why and which checkpoint is the last good one."""
 
 
+def _error_text(err: BaseException) -> str:
+    """Every message inside Ray's wrapped worker error (Ray keeps only the text of the worker's exception): the
+    chain, Ray Train's per-rank failures and their task errors' causes."""
+    texts: list[str] = []
+    todo: list[BaseException] = [err]
+    while todo and len(texts) < 50:
+        cur = todo.pop()
+        texts += [str(cur), repr(cur)]
+        todo.extend(e for e in (cur.__cause__, cur.__context__, getattr(cur, "cause", None)) if e is not None)
+        todo.extend(v for v in (getattr(cur, "worker_failures", None) or {}).values() if isinstance(v, BaseException))
+    return "\n".join(texts)
+
+
 def _find_nonfinite(err: BaseException) -> str | None:
-    """The NonFiniteLossError message inside Ray's wrapped worker error (Ray keeps only its text), if any."""
-    text = f"{err!r} {err}"
-    cur: BaseException | None = err
-    while cur is not None:
-        text += f" {cur!r}"
-        cur = cur.__cause__ or cur.__context__
-    marker = NonFiniteLossError.__name__
-    if marker in text:
-        tail = text.split(marker, 1)[1].lstrip(": ('\"")
-        return tail.split("\n")[0].rstrip("')\"")
-    return None
+    """The NonFiniteLossError message (``loss is nan at epoch E, step S``), if the error holds one: the
+    exception's own line (``NonFiniteLossError: ...`` or its repr), not the traceback's ``raise`` line."""
+    m = re.search(rf"{NonFiniteLossError.__name__}(?:: |\(['\"])([^\n'\"]+)", _error_text(err))
+    return m.group(1).strip() if m else None
 
 
 _UNREACHABLE = "object storage unreachable: "
@@ -57,14 +64,7 @@ _UNREACHABLE = "object storage unreachable: "
 
 def _find_unreachable(err: BaseException) -> str | None:
     """The :class:`excb.retrying_fs.StorageUnreachableError` message inside Ray's wrapped worker error, if any."""
-    texts: list[str] = []
-    todo: list[BaseException] = [err]
-    while todo and len(texts) < 50:  # the chain, and Ray Train's per-rank failures with their task errors' causes
-        cur = todo.pop()
-        texts.append(str(cur))
-        todo.extend(e for e in (cur.__cause__, cur.__context__, getattr(cur, "cause", None)) if e is not None)
-        todo.extend(v for v in (getattr(cur, "worker_failures", None) or {}).values() if isinstance(v, BaseException))
-    text = "\n".join(texts)
+    text = _error_text(err)
     if _UNREACHABLE not in text:
         return None
     return _UNREACHABLE + text.split(_UNREACHABLE, 1)[1].split("\n")[0].rstrip("')\"")
@@ -145,7 +145,7 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
             name=name, storage_path=ray_storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks),
+            callbacks=callbacks, logging_config=train_logging_config()),
         datasets={"train": dataset},
     )
     info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,

@@ -172,7 +172,8 @@ def build_tuner(spec: SweepSpec, storage_path: str, name: str) -> Any:
                                     search_alg=BasicVariantGenerator(random_state=spec.seed,
                                                                      max_concurrent=spec.max_concurrent_trials),
                                     num_samples=spec.num_samples),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=_callbacks(spec)))
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=_callbacks(spec),
+                                  verbose=2 if console.is_verbose() else 1))  # 1: no per-report result tables
 
 
 def _finite(x: Any) -> float | None:
