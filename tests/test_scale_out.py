@@ -192,9 +192,10 @@ def test_worker_killed_inside_an_epoch_resumes_at_the_next_step(ray_session: Non
     _check_each_pass_is_complete(run_dir, epochs=3, workers=2)
     assert not (run_dir / "resume" / "skip_ids.npy").exists()
     names = [Path(c).name for c in list_checkpoints(str(run_dir))]
-    # Disk bounded by checkpoints_to_keep, plus at most one per failure: Ray Train 2.60 did not delete the
-    # checkpoint the restarted group resumed from in 1 of 1 runs here (noted on the issue).
-    assert names[-1] == "checkpoint_epoch0003" and len(names) <= 3 + 1, names
+    # Disk: Ray Train 2.60 keeps checkpoints_to_keep of those reported after the restart, but does not delete the
+    # ones reported before it (seen here: 1 or 2 of them left), so the bound is checkpoints_to_keep per attempt
+    # (noted on the issue).
+    assert names[-1] == "checkpoint_epoch0003" and len(names) <= 2 * 3, names
     staging = Path(staging_root(str(run_dir)))
     assert not staging.exists() or list(staging.iterdir()) == []
 

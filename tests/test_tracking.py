@@ -367,7 +367,7 @@ def test_mlflow_file_store_holds_the_metrics(tmp_path: Path, no_mlflow_env: None
     assert history("epoch/subset_knn_top1") == [(10, 40.0)]
 
 
-def test_mlflow_file_store_needs_a_local_run_dir() -> None:
+def test_mlflow_file_store_needs_a_local_run_dir(no_mlflow_env: None) -> None:
     cfg = _cfg("tracking.tensorboard=false", "tracking.mlflow=true")
     with pytest.raises(ConfigError, match="tracking.mlflow.*local run directory.*MLFLOW_TRACKING_URI"):
         open_trackers(cfg, "s3://no-such-bucket/runs/r1", resume_step=0)

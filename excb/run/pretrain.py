@@ -134,9 +134,12 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
     fs = ray_filesystem(storage_path)
     ray_storage_path = resolve_fs(storage_path)[1] if fs is not None else storage_path
     run_fs, run_path = resolve_fs(run_dir)
-    # A run resumed inside an epoch leaves out what that epoch already consumed (excb.data.skip_list).
+    # A run resumed inside an epoch leaves out what that epoch already consumed (excb.data.skip_list). Streamed,
+    # the step fuses into the decode tasks (same resources); materialized, it is a cheap filter of its own that
+    # must not wait for a whole CPU (in a sweep, the trials' workers hold them: the pass would never start).
     dataset = decoded.dataset.map_batches(drop_listed, fn_kwargs={"fs": run_fs, "run_path": run_path},
-                                          batch_format="numpy", batch_size=None)
+                                          batch_format="numpy", batch_size=None,
+                                          **({} if decoded.streamed else {"num_cpus": 0.1}))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "train_rows": decoded.rows, "run_dir": run_dir},
