@@ -169,7 +169,8 @@ class StorageConfig:
     secret_access_key: str = field(default="", repr=False)
     connect_timeout_s: float = 10.0
     request_timeout_s: float = 60.0
-    read_retries: int = 3  # attempts per shard read before the shard is reported by name
+    read_retries: int = 3  # tries per object-storage read (shard footers, training data; waits 1, 2, 4.. s) before
+    #   the object is reported by name and the run stops
 
 
 @dataclass
