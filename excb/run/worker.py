@@ -113,13 +113,15 @@ class EpochPosition:
     """
 
     images: int = 0
+    steps: int = 0  # steps whose statistics ``sums`` holds (differs from images / batch after a resize)
     consumed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0.0))
     seconds: float = 0.0
     wait_seconds: float = 0.0
 
     def to_state(self) -> dict[str, Any]:
-        return {"epoch_images": self.images, "epoch_consumed": torch.from_numpy(self.consumed),
+        return {"epoch_images": self.images, "epoch_steps": self.steps,
+                "epoch_consumed": torch.from_numpy(self.consumed),
                 "epoch_sums": dict(self.sums), "epoch_seconds": self.seconds,
                 "epoch_wait_seconds": self.wait_seconds}
 
@@ -128,7 +130,8 @@ class EpochPosition:
         """The position a checkpoint holds (empty at an epoch boundary)."""
         if not int(state.get("epoch_images", 0)):
             return cls()
-        return cls(images=int(state["epoch_images"]), consumed=state["epoch_consumed"].numpy().astype(np.int64),
+        return cls(images=int(state["epoch_images"]), steps=int(state.get("epoch_steps", 0)),
+                   consumed=state["epoch_consumed"].numpy().astype(np.int64),
                    sums={k: float(state["epoch_sums"].get(k, 0.0)) for k in STAT_KEYS},
                    seconds=float(state["epoch_seconds"]), wait_seconds=float(state["epoch_wait_seconds"]))
 
@@ -338,7 +341,8 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
                 mine = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
                 everyone = all_gather_cat(torch.from_numpy(mine).to(device)).cpu().numpy()
                 mean = _mean_over_ranks({**sums, "wait": feed.wait_seconds}, device)
-                now = EpochPosition(images=images_done, consumed=np.concatenate([before.consumed, everyone]),
+                now = EpochPosition(images=images_done, steps=before.steps + n + 1,
+                                    consumed=np.concatenate([before.consumed, everyone]),
                                     sums={k: before.sums[k] + mean[k] for k in STAT_KEYS},
                                     seconds=before.seconds + time.time() - t0,
                                     wait_seconds=before.wait_seconds + mean["wait"])
@@ -359,13 +363,14 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
         if cfg.train.record_sample_ids:
             _write_sample_ids(run_dir, epoch + 1, rank, audit_first, images_end, audit)
         mean = _mean_over_ranks({**sums, "wait": feed.wait_seconds, "first": feed.first_wait_seconds}, device)
-        metrics = {k: (before.sums[k] + mean[k]) / spe for k in STAT_KEYS}
+        trained = before.steps + feed.steps  # = spe unless the group's size changed inside the epoch
+        metrics = {k: (before.sums[k] + mean[k]) / max(trained, 1) for k in STAT_KEYS}
         metrics.update(data_wait_fraction=(before.wait_seconds + mean["wait"]) / max(seconds, 1e-9),
                        first_batch_seconds=mean["first"])
         step = learner.global_step
         metrics.update(epoch=epoch + 1, step=step, lr=float(learner.schedules.lr[step - 1]), workers=world,
                        global_batch=gb, steps_per_epoch=spe, epoch_seconds=seconds,
-                       images_per_second=spe * gb / seconds, **estimate_stats(learner.balancer.sizes.cpu()))
+                       images_per_second=images_end / seconds, **estimate_stats(learner.balancer.sizes.cpu()))
         if before.images:
             metrics["resumed_at_images"] = before.images
         if knn_data is not None:

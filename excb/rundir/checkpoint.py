@@ -80,9 +80,11 @@ def read_state_dir(directory: str, map_location: str | torch.device = "cpu") -> 
     """Load and verify a checkpoint directory; raises CheckpointError when it is missing or corrupt."""
     fs, path = resolve_fs(directory)
     try:
-        with fs.open_input_stream(posixpath.join(path, META_FILE)) as f:
+        # open_input_file: one ranged GET for the whole object (a stream reads S3 in 256 KiB requests: 45 s
+        # instead of 0.3 s for a 140 MB state on the local S3 server)
+        with fs.open_input_file(posixpath.join(path, META_FILE)) as f:
             meta = json.loads(f.read())
-        with fs.open_input_stream(posixpath.join(path, STATE_FILE)) as f:
+        with fs.open_input_file(posixpath.join(path, STATE_FILE)) as f:
             data = f.read()
     except (OSError, FileNotFoundError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {directory} is unreadable: {e}") from e
