@@ -575,6 +575,11 @@ class Rehearsal:
         self.run_dir = join(storage_path, name)
         self.ray_temp = f"/tmp/rh-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
         t0 = time.time()
+        # Cluster() writes the head's address into Ray's default temp folder (/tmp/ray/ray_current_cluster) whatever
+        # temp_dir says, and fails on a machine where no Ray ever ran; its shutdown removes the file again.
+        from ray._common.utils import get_default_ray_temp_dir
+
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "resources": SLOT, "object_store_memory": a.object_store_mb * MIB,
             "temp_dir": self.ray_temp,

@@ -5,6 +5,7 @@ to two workers again. Batch, learning rate and steps follow the documented polic
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,12 @@ def cluster() -> Iterator[Any]:
     import ray
     from ray.cluster_utils import Cluster
 
+    from ray._common.utils import get_default_ray_temp_dir
+
     ray.shutdown()  # one Ray instance at a time: the shared test instance steps aside
+    # Cluster() writes the head's address into Ray's default temp folder and fails where no Ray ran before (a fresh
+    # machine running this file alone); its shutdown removes the address file again.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": SLOT,
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
