@@ -24,3 +24,20 @@ def test_fixed_worker_count_keeps_the_configured_batch() -> None:
     assert (plan.global_batch, plan.per_worker_batch, plan.lr_scale, plan.steps_per_epoch) == (256, 128, 1.0, 3)
     with pytest.raises(ValueError, match="outside"):
         plan_for(cfg, 3, 1000)
+
+
+def test_kmeans_init_that_cannot_draw_k_features_is_refused_on_the_driver() -> None:
+    """Refused before any worker starts (a worker raising it would be restarted forever with max_failures=-1)."""
+    from excb.run.scaling import check_kmeans_init_feasible
+
+    cfg = load_config(None, ["model.num_prototypes=64", "method.kmeans_samples=64", "train.batch_size=16",
+                             "train.num_workers=[1,2]", "train.max_failures=-1"])
+    check_kmeans_init_feasible(cfg, 64)  # 4 steps of 16 (2 workers) or of 8 (1 worker: 8 steps): 64 either way
+    with pytest.raises(ValueError, match=r"would draw 48 feature\(s\) with 1 worker.*num_prototypes=64"):
+        check_kmeans_init_feasible(cfg, 48)  # 1 worker: 6 steps of 8
+    bounded = load_config(None, ["model.num_prototypes=64", "method.kmeans_samples=64", "train.batch_size=16",
+                                 "train.max_steps_per_epoch=3"])
+    with pytest.raises(ValueError, match="would draw 48"):
+        check_kmeans_init_feasible(bounded, 10_000)
+    check_kmeans_init_feasible(load_config(None, ["model.num_prototypes=64", "method.kmeans_samples=64",
+                                                  "train.batch_size=16", "method.kmeans_init=false"]), 16)

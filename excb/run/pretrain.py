@@ -21,7 +21,7 @@ from excb.data.pipeline import DecodedSplit, count_split_rows, decoded_split
 from excb.data.skip_list import drop_listed
 from excb.evaluation.evaluate import evaluate_run
 from excb.method.step import NonFiniteLossError
-from excb.run.scaling import plan_for
+from excb.run.scaling import check_kmeans_init_feasible, plan_for
 from excb.run.startup import start_driver, train_logging_config
 from excb.run.worker import train_worker
 from excb.rundir.checkpoint import list_checkpoints
@@ -130,6 +130,7 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
     t = cfg.train
     decoded = data if data is not None else training_dataset(cfg)
     plan = plan_for(cfg, t.max_workers, decoded.rows)  # raises early when the data is smaller than one batch
+    check_kmeans_init_feasible(cfg, decoded.rows)  # a worker raising it would be restarted forever
     run_dir = join(storage_path, name)
     fs = ray_filesystem(storage_path)
     ray_storage_path = resolve_fs(storage_path)[1] if fs is not None else storage_path

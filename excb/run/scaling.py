@@ -46,3 +46,24 @@ def plan_for(cfg: ExcbConfig, workers: int, train_rows: int) -> GroupPlan:
         spe = min(spe, t.max_steps_per_epoch)
     return GroupPlan(workers=workers, per_worker_batch=b, global_batch=b * workers,
                      lr_scale=workers / t.max_workers, steps_per_epoch=spe)
+
+
+def check_kmeans_init_feasible(cfg: ExcbConfig, train_rows: int) -> None:
+    """Refuse, on the driver, a k-means prototype init that cannot start: every group size W the run may have
+    draws ``min(W · ⌈kmeans_samples / W⌉, W · b · steps_per_epoch(W))`` features, which must be at least K.
+
+    A worker raising this instead would be restarted forever under ``train.max_failures=-1``."""
+    if not cfg.method.kmeans_init:
+        return
+    k = cfg.model.num_prototypes
+    for workers in range(cfg.train.min_workers, cfg.train.max_workers + 1):
+        plan = plan_for(cfg, workers, train_rows)
+        drawn = min(workers * -(-cfg.method.kmeans_samples // workers),
+                    plan.global_batch * plan.steps_per_epoch)
+        if drawn < k:
+            raise ValueError(
+                f"k-means prototype init would draw {drawn} feature(s) with {workers} worker(s) for "
+                f"model.num_prototypes={k} clusters ({train_rows} training images, method.kmeans_samples="
+                f"{cfg.method.kmeans_samples}, {plan.steps_per_epoch} step(s) of {plan.global_batch} per epoch): "
+                "raise method.kmeans_samples, use more data, lower model.num_prototypes, or set "
+                "method.kmeans_init=false")
