@@ -73,19 +73,46 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from excb.evaluation.evaluate import evaluate_run
+    from excb.evaluation.features import BackboneMismatchError
+    from excb.rundir.checkpoint import CheckpointError
     from excb.rundir.runfiles import read_summary, write_summary
     from excb.storage import exists, join
 
     if args.limit < 0:
         print("excb evaluate needs --limit >= 0", file=sys.stderr)
         return 2
-    result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
-                          linear_probe=False if args.no_linear_probe else None, limit=args.limit or None)
-    if args.write and not args.limit:  # a quick look on a subset never replaces the run's full numbers
+    try:
+        result = evaluate_run(args.run_dir, data_path=args.data, plot=args.plot, plot_points=args.plot_points,
+                              linear_probe=False if args.no_linear_probe else None, limit=args.limit or None,
+                              engine=args.engine, knn_only=args.knn_only)
+    except (BackboneMismatchError, CheckpointError) as e:
+        print(f"excb: error: {e}", file=sys.stderr)
+        return 2
+    if args.write and not args.limit and not args.knn_only:  # a quick look never replaces the full numbers
         summary = read_summary(args.run_dir) if exists(join(args.run_dir, "summary.json")) else {}
         summary.update(result)
         write_summary(args.run_dir, summary)
     print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from excb.config import ConfigError
+    from excb.evaluation.features import BackboneMismatchError
+    from excb.linear.config import load_linear_config
+    from excb.linear.job import run_linear
+    from excb.rundir.checkpoint import CheckpointError
+
+    try:
+        lc = load_linear_config(args.config, args.overrides)
+        summary = run_linear(args.run_dir, lc, num_cpus=args.num_cpus)
+    except (ConfigError, BackboneMismatchError, CheckpointError, ValueError) as e:
+        print(f"excb: error: {e}", file=sys.stderr)
+        return 2
+    print(f"linear evaluation top-1: {summary['top1']:.2f}%  top-5: {summary['top5']:.2f}%  (head at lr "
+          f"{summary['lr']:g}; best of {summary['heads']} head(s): {summary['best_top1']:.2f}% at lr "
+          f"{summary['best_lr']:g}; {summary['val_rows']} validation images)")
+    print(f"summary:    {summary['run_dir']}/{lc.name}/summary.json")
     return 0
 
 
@@ -182,7 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe (kNN and clustering only)")
     p.add_argument("--limit", type=int, default=0,
                    help="quick look: only the first N images of each split (summary.json is then left as it is)")
+    p.add_argument("--knn-only", action="store_true", help="quick look: kNN and cluster metrics, no linear probe")
+    p.add_argument("--engine", choices=["auto", "memory", "ray"], default=None,
+                   help="memory: decode both splits into this process; ray: extract features with Ray Data into "
+                        "RUN_DIR/features/ (reused by later evaluations of the same checkpoint) and run a "
+                        "block-wise kNN over Ray tasks, for any dataset size (default: eval.engine, auto)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("linear", help="the paper's linear evaluation: a linear head trained on the frozen teacher "
+                                      "backbone through Ray Train (resumes when run again)")
+    p.add_argument("run_dir")
+    p.add_argument("--config", default=None,
+                   help="linear-evaluation YAML (experiments/linear/*.yaml; default: the released ResNet protocol)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray instance")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 num_workers=2")
+    p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("export", help="write the teacher backbone of a run's newest checkpoint as a plain state "
                                       "dict, with export.json and a standalone features.py")

@@ -52,6 +52,7 @@ def test_overrides_are_typed() -> None:
     ("train.checkpoint_every_steps=-5", "train.checkpoint_every_steps"),
     ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes"),
     ("train.checkpoint_every_minutes=-1.5", "train.checkpoint_every_minutes"),
+    ("method.kmeans_samples=1000", "method.kmeans_samples"),  # fewer than the 1024 prototypes
 ])
 def test_bad_keys_and_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -245,3 +245,60 @@ def test_evaluation_of_a_run_on_s3(ray_session: None, s3_endpoint: str, s3_bucke
     expected = knn_top1(tr_f, tr_y, te_f, te_y, k=20, temperature=0.07)
     assert knn_top1_distributed(train, test, workers=2, block_rows=64) == pytest.approx(expected, abs=0.01)
     assert extract_split_features(run, ckpt, "test", **kw) == test  # reused from s3
+
+
+def test_cli_evaluate_refuses_a_mismatched_backbone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from excb.cli import main as cli_main
+
+    state, _, _ = make_run(str(tmp_path / "run"), CONVNET)
+    state["config"]["model"]["backbone"] = "resnet18_small"
+    write_state_dir(state, str(tmp_path / "run" / checkpoint_dir_name(2)))
+    assert cli_main(["evaluate", str(tmp_path / "run"), "--engine", "ray"]) == 2
+    assert "configured backbone is 'resnet18_small'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "features").exists()
+
+
+@pytest.mark.ray
+def test_evaluate_engines_agree_reuse_features_and_skip_unlabelled(ray_session: None, shards: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """excb evaluate through Ray Data features + the distributed kNN gives the in-memory evaluation's numbers; a
+    second (--knn-only) evaluation reuses the stored features; the streaming probe runs when the features are
+    "too large"; an unlabelled split skips kNN and the probe with a message and keeps the cluster health."""
+    from excb.cli import main as cli_main
+    from excb.evaluation.evaluate import choose_engine, evaluate_run
+    from excb.evaluation.stored_eval import evaluate_stored
+
+    run = tmp_path / "run"
+    _, _, cfg = make_run(str(run), [*CONVNET, f"data.path={shards}", "eval.feature_workers=2",
+                                    "train.torch_threads=1"])
+    assert choose_engine(cfg, shards, "auto") == "memory"  # 320 × 28² bytes
+    memory = evaluate_run(str(run), engine="memory")
+    assert cli_main(["evaluate", str(run), "--engine", "ray", "--no-write"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert (memory["eval_engine"], stored["eval_engine"]) == ("memory", "ray")
+    assert stored["knn_top1"] == pytest.approx(memory["knn_top1"], abs=0.01)
+    assert stored["linear_fit"] == "lbfgs" and stored["linear_top1"] == pytest.approx(memory["linear_top1"], abs=1.0)
+    for key in ("nmi", "ari", "cluster_acc_hungarian", "cluster_acc_majority", "prototypes_used",
+                "max_cluster_share_x_uniform", "normalized_entropy"):
+        assert stored[key] == pytest.approx(memory[key], abs=1e-9), key
+    assert (stored["eval_train_rows"], stored["eval_test_rows"]) == (320, 320)
+
+    markers = sorted(run.glob(f"features/*/*/{MARKER_FILE}"))
+    assert len(markers) == 2
+    written = [m.stat().st_mtime_ns for m in markers]
+    quick = evaluate_run(str(run), engine="ray", knn_only=True)
+    assert "linear_top1" not in quick and quick["knn_top1"] == stored["knn_top1"]
+    assert [m.stat().st_mtime_ns for m in markers] == written  # reused, not recomputed
+
+    train_dir, test_dir = (str(m.parent) for m in sorted(markers, key=lambda m: m.parent.name != "train"))
+    train, test = open_feature_set(train_dir), open_feature_set(test_dir)
+    assert train is not None and test is not None and train.split == "train"
+    streaming_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, linear_in_memory_mb=0,
+                                                                      linear_stream_batch_size=32))
+    streamed = evaluate_stored(train, test, streaming_cfg, workers=1, num_cpus_per_task=0.5)
+    assert streamed["linear_fit"] == "streaming_sgd" and streamed["linear_top1"] > 40.0  # chance: 10 %
+    unlabelled = evaluate_stored(train, dataclasses.replace(test, labelled=False, num_classes=0), cfg, workers=1)
+    assert unlabelled["labels_missing"] == "the test split has no labels"
+    assert "knn_top1" not in unlabelled and "nmi" not in unlabelled
+    assert unlabelled["prototypes_used"] == stored["prototypes_used"]
+    assert "kNN and the linear probe skipped: the test split has no labels" in capsys.readouterr().out

@@ -155,6 +155,20 @@ class EvalConfig:
     linear_probe: bool = True  # final evaluation: linear probe on frozen features (never per epoch)
     linear_weight_decay: float = 1e-4  # λ of the probe's (λ/2)‖W‖² on standardised features
     linear_max_iter: int = 100  # L-BFGS iterations of the probe
+    # How the final evaluation / `excb evaluate` gets its features: "memory" decodes both splits into this process
+    # (small data sets), "ray" extracts them with Ray Data actors into RUN/features/ (Parquet, reused) and runs a
+    # block-wise kNN over Ray tasks (any size), "auto" = memory for prepared shards whose decoded train split takes
+    # at most in_memory_max_mb, ray otherwise.
+    engine: str = "auto"
+    in_memory_max_mb: int = 2048
+    feature_workers: int = 0  # Ray Data actors extracting features (0: train.max_workers); one GPU each with use_gpu
+    feature_batch_size: int = 256
+    knn_block_rows: int = 8192  # train feature rows per similarity block (memory per task ~ rows x D x 4 bytes)
+    knn_max_chunk_rows: int = 50000  # test rows per kNN task at most
+    linear_in_memory_mb: float = 4096.0  # train features up to this: full-batch L-BFGS; larger (or 0): streaming SGD
+    linear_stream_epochs: int = 10  # the streaming probe: passes, lr (cosine to 0, momentum 0.9), batch
+    linear_stream_lr: float = 0.1
+    linear_stream_batch_size: int = 1024
 
 
 @dataclass

@@ -67,6 +67,9 @@ def validate(cfg: ExcbConfig) -> ExcbConfig:
     _check(me.argmax_boost >= 1.0, "method.argmax_boost", "must be >= 1 (1 disables the boost)")
     _check(0.0 <= me.ema_start <= me.ema_end <= 1.0, "method.ema_start", "need 0 <= ema_start <= ema_end <= 1")
     _check(me.kmeans_samples >= 1 and me.kmeans_iters >= 0, "method.kmeans_samples", "must be positive")
+    _check(not me.kmeans_init or me.kmeans_samples >= m.num_prototypes, "method.kmeans_samples",
+           f"k-means init needs at least model.num_prototypes={m.num_prototypes} samples, got "
+           f"{me.kmeans_samples}")
     _check(a.global_size >= 4 and a.local_size >= 4, "augment.global_size", "crop sizes must be >= 4")
     _check(a.num_local >= 0, "augment.num_local", "must be >= 0")
     _check(0 < a.crop_min_end <= 1 and 0 < a.crop_min_start <= 1, "augment.crop_min_start", "must be in (0, 1]")
@@ -105,6 +108,13 @@ def validate(cfg: ExcbConfig) -> ExcbConfig:
     _check(all(v >= 0 for v in t.worker_resources.values()), "train.worker_resources", "amounts must be >= 0")
     _check(not (t.elastic and t.max_failures == 0), "train.max_failures",
            "elastic training needs max_failures != 0 (a lost worker is a failure the run must survive)")
+    _check(e.engine in ("auto", "memory", "ray"), "eval.engine", f"must be auto, memory or ray, got {e.engine!r}")
+    for key in ("in_memory_max_mb", "feature_batch_size", "knn_block_rows", "knn_max_chunk_rows",
+                "linear_stream_epochs", "linear_stream_batch_size"):
+        _check(getattr(e, key) >= 1, f"eval.{key}", f"must be >= 1, got {getattr(e, key)}")
+    _check(e.feature_workers >= 0, "eval.feature_workers", "must be >= 0 (0: train.max_workers)")
+    _check(e.linear_stream_lr > 0, "eval.linear_stream_lr", "must be > 0")
+    _check(e.linear_in_memory_mb >= 0, "eval.linear_in_memory_mb", "must be >= 0 (0: always the streaming probe)")
     st = cfg.storage
     _check(st.connect_timeout_s > 0 and st.request_timeout_s > 0, "storage.connect_timeout_s", "timeouts must be > 0")
     _check(st.read_retries >= 1, "storage.read_retries", "must be >= 1")

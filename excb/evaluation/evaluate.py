@@ -107,22 +107,28 @@ def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
     return teacher, cfg
 
 
-def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None = None,
-                 plot_points: int = 5000, linear_probe: bool | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Full evaluation of a run's newest good checkpoint on all train and test rows (the first ``limit`` of each
-    split when given: a quick look): kNN, linear probe (unless
-    ``eval.linear_probe`` / ``linear_probe`` is off), NMI, ARI, cluster accuracies, cluster health of the train
-    split's assignments and the size estimate's health. ``plot`` ("pca" or "tsne") also draws at most
-    ``plot_points`` test features in 2-D, coloured by label, into RUN_DIR/plots/embedding_<method>.png (its
-    path is returned as ``embedding_plot``)."""
-    from excb.data.pipeline import load_split_arrays
-    from excb.evaluation.metrics import estimate_stats
-    from excb.rundir.checkpoint import list_checkpoints, load_latest
-    from excb.storage import join
+def choose_engine(cfg: ExcbConfig, data_path: str, requested: str, limit: int | None = None) -> str:
+    """"memory" or "ray" for ``requested`` (``eval.engine``): auto = memory for prepared shards whose decoded
+    train split (rows × C × H × W bytes, rows from the Parquet footers) takes at most ``eval.in_memory_max_mb``,
+    ray otherwise (other formats are not counted: a listing of tars can be a data pass)."""
+    if requested != "auto":
+        return requested
+    if cfg.data.format != "shards":
+        return "ray"
+    from excb.data.pipeline import count_split_rows
 
-    state, where = load_latest(list_checkpoints(run_dir))
-    teacher, cfg = teacher_from_state(state)
-    path = data_path or cfg.data.path
+    rows = count_split_rows(data_path, "train", "shards", known=cfg.data.train_rows,
+                            retries=cfg.storage.read_retries)
+    rows = min(rows, limit) if limit else rows
+    decoded = rows * cfg.data.channels * cfg.data.image_size ** 2
+    return "memory" if decoded <= cfg.eval.in_memory_max_mb * 2**20 else "ray"
+
+
+def _in_memory(teacher: ExcbNetwork, cfg: ExcbConfig, path: str, limit: int | None,
+               linear_probe: bool) -> tuple[dict[str, Any], Tensor, np.ndarray]:
+    """Both splits decoded into this process; returns (metrics, test features, test labels)."""
+    from excb.data.pipeline import load_split_arrays
+
     kw = dict(image_size=cfg.data.image_size, channels=cfg.data.channels, limit=limit)
     train_x, train_y = load_split_arrays(path, "train", **kw)
     test_x, test_y = load_split_arrays(path, "test", **kw)
@@ -130,14 +136,88 @@ def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None
     torch.set_num_threads(cfg.train.torch_threads or torch.get_num_threads())
     ftr, atr = extract_features(teacher, augment, torch.from_numpy(train_x))
     fte, ate = extract_features(teacher, augment, torch.from_numpy(test_x))
+    if not (_labelled(train_y) and _labelled(test_y)):
+        from excb import console
+
+        missing = [s for s, y in (("train", train_y), ("test", test_y)) if not _labelled(y)]
+        console.info(f"kNN and the linear probe skipped: the {' and '.join(missing)} split has no labels "
+                     "(label -1); cluster health still computed")
     out: dict[str, Any] = evaluate_features(
         ftr, atr, train_y, fte, ate, test_y, teacher.prototypes.weight.shape[0], k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
-        linear_probe=cfg.eval.linear_probe if linear_probe is None else linear_probe,
+        temperature=cfg.eval.knn_temperature, linear_probe=linear_probe,
         linear_weight_decay=cfg.eval.linear_weight_decay, linear_max_iter=cfg.eval.linear_max_iter)
+    out.update(eval_train_rows=int(len(train_x)), eval_test_rows=int(len(test_x)))
+    return out, fte, test_y
+
+
+def _with_ray(run_dir: str, checkpoint: str, cfg: ExcbConfig, path: str, limit: int | None,
+              linear_probe: bool, plot_points: int) -> tuple[dict[str, Any], Tensor, np.ndarray]:
+    """Features extracted by Ray Data actors into RUN/features/ (or reused), then
+    :func:`excb.evaluation.stored_eval.evaluate_stored`; returns (metrics, up to ``plot_points`` test features
+    and their labels)."""
+    import ray
+
+    from excb.evaluation.features import extract_split_features
+    from excb.evaluation.stored_eval import evaluate_stored
+    from excb.run.startup import init_ray
+
+    init_ray()
+    resources = ray.cluster_resources()
+    workers = cfg.eval.feature_workers or cfg.train.max_workers
+    use_gpu = cfg.train.use_gpu and resources.get("GPU", 0) >= 1
+    cpus = max(0.25, min(float(cfg.train.cpus_per_worker), resources.get("CPU", 1.0) / (workers + 1)))
+    kw = dict(data_path=path, concurrency=workers, batch_size=cfg.eval.feature_batch_size, use_gpu=use_gpu,
+              num_cpus_per_actor=cpus, limit=limit)
+    train = extract_split_features(run_dir, checkpoint, "train", **kw)
+    test = extract_split_features(run_dir, checkpoint, "test", **kw)
+    out = evaluate_stored(train, test, cfg, linear_probe=linear_probe, workers=workers, num_cpus_per_task=cpus)
+    out.update(eval_train_rows=train.rows, eval_test_rows=test.rows, features=[train.folder, test.folder])
+    feats, labels = [], []
+    for f, y, _ in test.blocks(min(plot_points, 65536)) if plot_points > 0 else ():
+        feats.append(f)
+        labels.append(y)
+        if sum(len(x) for x in feats) >= plot_points:
+            break
+    fte = torch.cat(feats)[:plot_points] if feats else torch.zeros(0, test.dim)
+    yte = torch.cat(labels)[:plot_points].numpy() if labels else np.zeros(0, dtype=np.int64)
+    return out, fte, yte
+
+
+def evaluate_run(run_dir: str, data_path: str | None = None, *, plot: str | None = None,
+                 plot_points: int = 5000, linear_probe: bool | None = None, limit: int | None = None,
+                 engine: str | None = None, knn_only: bool = False) -> dict[str, Any]:
+    """Full evaluation of a run's newest good checkpoint on all train and test rows (the first ``limit`` of each
+    split when given: a quick look): kNN, linear probe (unless ``eval.linear_probe`` / ``linear_probe`` is off,
+    or ``knn_only``), NMI, ARI, cluster accuracies, cluster health of the train split's assignments and the size
+    estimate's health. ``engine`` (default ``eval.engine``; see :func:`choose_engine`): "memory" decodes both
+    splits into this process, "ray" extracts features with Ray Data into RUN/features/ and evaluates them
+    block-wise (any dataset size). ``plot`` ("pca" or "tsne") also draws at most ``plot_points`` test features in
+    2-D, coloured by label, into RUN_DIR/plots/embedding_<method>.png (its path is returned as
+    ``embedding_plot``).
+
+    Raises:
+        excb.evaluation.features.BackboneMismatchError: the checkpoint's teacher is not the configured backbone.
+        excb.rundir.checkpoint.CheckpointError: no checkpoint verifies.
+    """
+    from excb.evaluation.features import load_teacher
+    from excb.evaluation.metrics import estimate_stats
+    from excb.rundir.checkpoint import list_checkpoints, load_latest
+    from excb.storage import join
+
+    state, where = load_latest(list_checkpoints(run_dir))
+    teacher, cfg = load_teacher(state, where)
+    path = data_path or cfg.data.path
+    chosen = choose_engine(cfg, path, engine or cfg.eval.engine, limit)
+    if chosen not in ("memory", "ray"):
+        raise ValueError(f"engine must be auto, memory or ray, got {chosen!r}")
+    probe = (cfg.eval.linear_probe if linear_probe is None else linear_probe) and not knn_only
+    if chosen == "memory":
+        out, fte, test_y = _in_memory(teacher, cfg, path, limit, probe)
+    else:
+        del teacher
+        out, fte, test_y = _with_ray(run_dir, where, cfg, path, limit, probe, plot_points if plot else 0)
     out.update(estimate_stats(state["balancer"]["sizes"]))
-    out.update(epochs=int(state["epoch"]), steps=int(state["step"]), checkpoint=where,
-               eval_train_rows=int(len(train_x)), eval_test_rows=int(len(test_x)))
+    out.update(epochs=int(state["epoch"]), steps=int(state["step"]), checkpoint=where, eval_engine=chosen)
     if plot:
         from excb.evaluation.embedding import plot_embedding
 
