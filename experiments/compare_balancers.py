@@ -83,7 +83,7 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
     for epoch in range(epochs):
         for _ in range(spe):
             idx = stream[learner.global_step * batch:(learner.global_step + 1) * batch]
-            losses.append(learner.step(train_x[idx], epoch=epoch).loss)
+            losses.append(float(learner.step(train_x[idx], epoch=epoch).loss))
     train_seconds = time.time() - t0
     n = min(eval_train, len(train_x))
     ev = evaluate_teacher(teacher, augment, train_x[:n], train_y[:n], test_x, test_y,

@@ -55,11 +55,11 @@ def main() -> None:
         losses = []
         for i in range(spe):
             stats = learner.step(train_x[perm[i * bs:(i + 1) * bs]], epoch=epoch)
-            losses.append(stats.loss)
+            losses.append(float(stats.loss))
         dt = time.time() - te
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "img_s": spe * bs / dt,
-               "minutes": (time.time() - t0) / 60, "conf": stats.teacher_confidence,
-               "uniq": stats.unique_targets, "changed": stats.changed_by_balancing,
+               "minutes": (time.time() - t0) / 60, "conf": float(stats.teacher_confidence),
+               "uniq": float(stats.unique_targets), "changed": float(stats.changed_by_balancing),
                **estimate_stats(balancer.sizes)}
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == cfg.train.epochs):
             ftr, _ = extract_features(teacher, augment, train_x[:20000])

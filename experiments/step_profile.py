@@ -86,7 +86,7 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
            "phase_ms": {k: 1000 * v for k, v in phases.items()},
            "phase_share": {k: v / total for k, v in phases.items()},
            "balancing_share": (phases.get("balance", 0.0) + phases.get("estimate", 0.0)) / total,
-           "final_loss": stats.loss}
+           "final_loss": float(stats.loss)}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out

@@ -59,7 +59,7 @@ def _train(rank: int, world: int) -> dict[str, object]:
     for step in range(STEPS):
         batch = images[step * 2 * B:(step + 1) * 2 * B][rank * per:(rank + 1) * per]
         stats = learner.step(batch, 0, torch.Generator())
-        losses.append(stats.loss)
+        losses.append(float(stats.loss))
     return {"losses": torch.tensor(losses), "student": learner.network.state_dict(),
             "teacher": learner.teacher.state_dict(), "sizes": learner.balancer.sizes.clone()}
 

@@ -6,6 +6,7 @@ steps)."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ TABLE = {
 # runs at 64/32 px, nor in fp32)
 SHRINK = ["data.image_size=64", "augment.global_size=64", "augment.local_size=32", "model.num_prototypes=64",
           "train.batch_size=4", "train.num_workers=1", "train.use_gpu=false", "train.epochs=2",
-          "method.kmeans_samples=8", "data.path=unused"]
+          "method.kmeans_samples=64", "data.path=unused"]
 
 
 def _get(cfg, dotted: str):
@@ -92,7 +93,7 @@ def test_recipe_trains_two_steps_with_its_backbone(recipe: Path) -> None:
     sizes0 = balancer.sizes.clone()
     for step in range(2):
         stats = learner.step(images, 0, gen)
-        assert torch.isfinite(torch.tensor(stats.loss)), step
+        assert math.isfinite(stats.loss), step
     changed = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("prototypes.") for k in changed)
     assert any(not torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items()

@@ -78,12 +78,14 @@ class ExcbLearner(nn.Module):
         return unwrap(self.student)
 
     def step(self, images: Tensor, epoch: int = 0, gen: torch.Generator | None = None,
-             valid_hw: Tensor | None = None, timer: PhaseTimer | None = None) -> StepStats:
+             valid_hw: Tensor | None = None, timer: PhaseTimer | None = None,
+             check_finite: bool = True) -> StepStats:
         """One optimisation step on uint8 ``images`` [B, C, H, W] at ``global_step`` in ``epoch`` (views drawn
         with ``gen``, or the learner's own generator); see :func:`excb.method.step.train_step`."""
         stats = train_step(self.cfg, self.student, self.teacher, self.balancer, self.optimizer, self.augment,
                            self.schedules, images, self.global_step, epoch, gen or self.gen,
-                           autocast_dtype=self.autocast_dtype, timer=timer, valid_hw=valid_hw)
+                           autocast_dtype=self.autocast_dtype, timer=timer, valid_hw=valid_hw,
+                           check_finite=check_finite)
         self.global_step += 1
         return stats
 

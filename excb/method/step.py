@@ -91,24 +91,36 @@ def _untimed(name: str) -> Iterator[None]:
     yield
 
 
+STAT_KEYS = ("loss", "teacher_confidence", "unique_targets", "changed_by_balancing")
+
+
 @dataclass
 class StepStats:
-    loss: float
-    teacher_confidence: float  # mean max p
-    unique_targets: int  # distinct teacher argmax labels in the batch (this rank)
-    changed_by_balancing: float  # fraction of targets whose argmax the operator changed
+    """One step's statistics as 0-d tensors on the training device. Reading one (``float(stats.loss)``) waits for
+    the device to finish the step, so the training loop keeps them there (:class:`excb.run.stat_sums.StatSums`)
+    and reads them once per logging interval."""
+
+    loss: Tensor
+    teacher_confidence: Tensor  # mean_i max_k p_ik
+    unique_targets: Tensor  # |{argmax_k p_ik}|: distinct teacher argmax labels in the batch (this rank)
+    changed_by_balancing: Tensor  # mean_i [argmax_k z_ik ≠ argmax_k p_ik]: targets whose argmax the operator changed
+
+    def vector(self) -> Tensor:
+        """The four statistics in :data:`STAT_KEYS` order, float64 [4], on the device (no host sync)."""
+        return torch.stack([getattr(self, k).detach().double() for k in STAT_KEYS])
 
 
 def teacher_targets(teacher: ExcbNetwork, balancer: Balancer, global_views: list[Tensor],
-                    teacher_temp: float, phase: Any = _untimed) -> tuple[list[Tensor], Tensor, float]:
+                    teacher_temp: float, phase: Any = _untimed) -> tuple[list[Tensor], Tensor, Tensor]:
     """p_i = balancer.targets(z_t,i, τ_t) for each global view i (ExCB: softmax(B(z_t,i) / τ_t)); also the
-    concatenated teacher similarities z_t and the fraction of rows whose argmax the balancer changed."""
+    concatenated teacher similarities z_t and the fraction of rows whose argmax the balancer changed (a 0-d
+    tensor on the device)."""
     with torch.no_grad():
         with phase("teacher"):
             z = torch.cat(teacher(global_views, num_global=len(global_views)).direct).float()
         with phase("balance"):
             targets = [balancer.targets(zi, teacher_temp) for zi in z.chunk(len(global_views))]
-        changed = (z.argmax(-1) != torch.cat(targets).argmax(-1)).float().mean().item()
+        changed = (z.argmax(-1) != torch.cat(targets).argmax(-1)).float().mean()
     return targets, z, changed
 
 
@@ -116,9 +128,14 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
                optimizer: torch.optim.Optimizer, augment: MultiCropAugment, schedules: Schedules,
                images: Tensor, step: int, epoch: int, gen: torch.Generator,
                autocast_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None,
-               valid_hw: Tensor | None = None) -> StepStats:
+               valid_hw: Tensor | None = None, check_finite: bool = True) -> StepStats:
     """Run one optimisation step on a uint8 batch [B, C, H, W] at global step ``step`` (``valid_hw``: each image's
     size in its padded canvas, crops drawn inside it; None = images fill their canvas).
+
+    ``check_finite`` raises :class:`NonFiniteLossError` before the update when the loss is NaN or infinite, which
+    reads the loss back to the host; the training loop passes False and checks the losses of a whole logging
+    interval at once (:meth:`excb.run.stat_sums.StatSums.read`), before any checkpoint is written. Nothing in
+    this function waits for the device otherwise.
 
     ``timer`` (optional) records the time of each phase: views, teacher, balance (operator B and the softmax),
     student, loss_backward, optimizer, ema, estimate (the size-estimate update)."""
@@ -133,7 +150,7 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
             out = student(views, num_global=2)
         with phase("loss_backward"):
             loss = excb_loss(targets, out.direct, out.predicted, cfg.method.student_temp)
-    if not torch.isfinite(loss):
+    if check_finite and not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
     with phase("loss_backward"):
         optimizer.zero_grad(set_to_none=True)
@@ -147,5 +164,6 @@ def train_step(cfg: ExcbConfig, student: nn.Module, teacher: ExcbNetwork, balanc
     with phase("estimate"):
         p = torch.cat(targets)
         balancer.observe(z_teacher, p)
-    return StepStats(loss=loss.item(), teacher_confidence=p.max(dim=-1).values.mean().item(),
-                     unique_targets=int(p.argmax(-1).unique().numel()), changed_by_balancing=changed)
+        used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).sum()
+    return StepStats(loss=loss.detach(), teacher_confidence=p.max(dim=-1).values.mean(), unique_targets=used,
+                     changed_by_balancing=changed)

@@ -114,7 +114,7 @@ def measure_synthetic(cfg: ExcbConfig, device: torch.device, steps: int, warmup:
     total = sum(phase_s.values())
     return {"images_per_second": steps * b / seconds, "ms_per_step": 1000 * seconds / steps, "steps": steps,
             "warmup_steps": warmup, "batch": b, "phase_ms": {k: 1000 * v for k, v in phase_s.items()},
-            "phase_share": {k: v / total for k, v in phase_s.items()}, "final_loss": stats.loss}
+            "phase_share": {k: v / total for k, v in phase_s.items()}, "final_loss": float(stats.loss)}
 
 
 def gather_images(dataset: Any, n: int) -> Tensor:

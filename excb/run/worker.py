@@ -30,8 +30,10 @@ from excb.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from excb.evaluation.evaluate import evaluate_teacher
 from excb.evaluation.metrics import estimate_stats
 from excb.method.learner import ExcbLearner
+from excb.method.step import STAT_KEYS
 from excb.run.progress import ProgressMeter
 from excb.run.scaling import GroupPlan, plan_for
+from excb.run.stat_sums import StatSums
 from excb.run.tracking import NULL_TRACKER, Tracker, open_trackers
 from excb.rundir.checkpoint import (
     CheckpointError,
@@ -100,7 +102,6 @@ class EpochFeed:
             yield images, valid_hw, batch.get("id")
 
 
-STAT_KEYS = ("loss", "teacher_confidence", "unique_targets", "changed_by_balancing")
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _write_sample_ids(run_dir: str, epoch: int, rank: int, first: int, end: int,
     write_text(join(run_dir, SAMPLE_IDS_DIR, name), "\n".join(ids) + "\n")
 
 
-def _report(metrics: dict[str, Any], state: dict[str, Any] | None, run_dir: str, name: str) -> None:
+def report_checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None, run_dir: str, name: str) -> None:
     """``ray.train.report`` on every rank; rank 0 (``state`` given) stages its checkpoint locally first. The
     report persists it synchronously, so the staged copy is removed after it either way."""
     staged = new_local_state_dir(state, run_dir) if state is not None else None
@@ -307,7 +308,7 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
         learner.global_step = plan.start_step(epoch) + done
         gen = torch.Generator()
         t0 = time.time()
-        sums = dict.fromkeys(STAT_KEYS, 0.0)  # this attempt's, this rank's
+        stat_sums = StatSums(device, epoch=epoch)  # this attempt's, this rank's, on the device
         hashes: list[np.ndarray] = []  # ids this rank consumed in this epoch, in this attempt
         audit: list[str] = []  # ids since the last checkpoint (train.record_sample_ids)
         audit_first = before.images
@@ -317,26 +318,26 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
         for n, (images, valid_hw, ids) in enumerate(feed):
             i = done + n + 1  # steps of the epoch done after this one
             gen.manual_seed(step_seed(cfg.train.seed, epoch, rank, i - 1))
-            stats = learner.step(images, epoch, gen, valid_hw)
-            for key in STAT_KEYS:
-                sums[key] += float(getattr(stats, key))
+            stats = learner.step(images, epoch, gen, valid_hw, check_finite=False)  # no host sync per step
+            stat_sums.add(stats, learner.global_step - 1)
             if track_ids and ids is not None:
                 hashes.append(id_hashes(ids))
                 if cfg.train.record_sample_ids:
                     audit.extend(str(x) for x in ids)
             if rank == 0 and cfg.train.log_every_steps and i % cfg.train.log_every_steps == 0:
+                last = stat_sums.read().last  # the interval's one read of the device (and its finite-loss check)
                 now_t = time.time()
-                loss = float(stats.loss)
-                console.info(progress.update(epoch, i, learner.global_step, loss, now_t - interval[0],
+                console.info(progress.update(epoch, i, learner.global_step, last["loss"], now_t - interval[0],
                                              feed.wait_seconds - interval[1]))
                 tracker.log_step(learner.global_step, {
-                    "loss": loss, "lr": float(learner.schedules.lr[learner.global_step - 1]),
-                    "teacher_confidence": float(stats.teacher_confidence),
-                    "changed_by_balancing": float(stats.changed_by_balancing),
-                    "unique_targets": float(stats.unique_targets),
+                    "loss": last["loss"], "lr": float(learner.schedules.lr[learner.global_step - 1]),
+                    "teacher_confidence": last["teacher_confidence"],
+                    "changed_by_balancing": last["changed_by_balancing"],
+                    "unique_targets": last["unique_targets"],
                     "images_per_second": (i - interval[2]) * gb / max(now_t - interval[0], 1e-9)})
                 interval = (now_t, feed.wait_seconds, i)
             if timer.due(i, spe, rank, device):
+                sums = stat_sums.read().sums  # raises on a non-finite loss: nothing bad is checkpointed
                 images_done = before.images + (n + 1) * gb
                 mine = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
                 everyone = all_gather_cat(torch.from_numpy(mine).to(device)).cpu().numpy()
@@ -351,7 +352,7 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
                     audit, audit_first = [], images_done
                 state = ({**training_state(learner, epoch, history, cfg), **now.to_state()} if rank == 0
                          else None)
-                _report({"epoch": epoch, "epoch_images": images_done, "step": learner.global_step,
+                report_checkpoint({"epoch": epoch, "epoch_images": images_done, "step": learner.global_step,
                          "mid_epoch": True}, state, run_dir, checkpoint_dir_name(epoch, images_done))
                 timer.reset()
                 if rank == 0:
@@ -362,6 +363,7 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
         images_end = before.images + feed.steps * gb
         if cfg.train.record_sample_ids:
             _write_sample_ids(run_dir, epoch + 1, rank, audit_first, images_end, audit)
+        sums = stat_sums.read().sums
         mean = _mean_over_ranks({**sums, "wait": feed.wait_seconds, "first": feed.first_wait_seconds}, device)
         trained = before.steps + feed.steps  # = spe unless the group's size changed inside the epoch
         metrics = {k: (before.sums[k] + mean[k]) / max(trained, 1) for k in STAT_KEYS}
@@ -390,5 +392,5 @@ def _train_epochs(me: RankContext, start_epoch: int, position: EpochPosition, hi
                          f"{metrics['images_per_second']:.0f} img/s, data wait "
                          f"{100 * metrics['data_wait_fraction']:.1f}%, max share "
                          f"x{metrics['estimate_max_cluster_share_x_uniform']:.2f} ({seconds:.0f}s, {world} worker(s))")
-        _report(metrics, state, run_dir, checkpoint_dir_name(epoch + 1))
+        report_checkpoint(metrics, state, run_dir, checkpoint_dir_name(epoch + 1))
         timer.reset()
