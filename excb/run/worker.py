@@ -102,8 +102,6 @@ class EpochFeed:
             yield images, valid_hw, batch.get("id")
 
 
-
-
 @dataclass
 class EpochPosition:
     """How far into an epoch a run is, as a mid-epoch checkpoint records it.
