@@ -50,7 +50,7 @@ What it does, in order (every phase is timed; whatever fails is written into the
    over-count them. The object store's spilled and restored bytes (raylet node stats, per node, cumulative) and
    the spill files' size. Local disk: the Ray temp dir (logs, spill) + this run's checkpoint staging folder
    (``<temp>/excb-staging/<hash>``) + the trackers' staging folders of this run's processes
-   (``<temp>/excb-track-<pid>-*``) + the run dir when local. From ``RUN/metrics.jsonl``: images/s and data-wait
+   (``<staging root>/track-<pid>-*``) + the run dir when local. From ``RUN/metrics.jsonl``: images/s and data-wait
    share per epoch, and a cross-check of each epoch's mean loss against its step lines. Resume times (below),
    split into their parts with Ray Train's controller log. The sample-id audit
    (``rehearsal_kit.audit_sample_ids``). Leftovers at the end: staging folders, the skip list, checkpoints beyond
@@ -438,14 +438,19 @@ class Rehearsal:
         processes (every process seen below this one)."""
         import glob
 
+        from excb.rundir.checkpoint import staging_root
+
         pids = set(self.procs.per_pid) | {os.getpid()}
         out = []
-        for f in glob.glob(os.path.join(tempfile.gettempdir(), "excb-track-*-*")):
-            try:
-                if int(os.path.basename(f)[len("excb-track-"):].split("-", 1)[0]) in pids:
-                    out.append(f)
-            except ValueError:
-                continue
+        # under the run's staging root since the first full rehearsal; in the temp folder before
+        for pattern, prefix in ((os.path.join(staging_root(self.run_dir), "track-*-*"), "track-"),
+                                (os.path.join(tempfile.gettempdir(), "excb-track-*-*"), "excb-track-")):
+            for f in glob.glob(pattern):
+                try:
+                    if int(os.path.basename(f)[len(prefix):].split("-", 1)[0]) in pids:
+                        out.append(f)
+                except ValueError:
+                    continue
         return out
 
     # -------------------------------------------------------------------------------------- faults

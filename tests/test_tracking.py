@@ -30,6 +30,7 @@ from excb.run.tracking import (
     open_trackers,
     worker_env,
 )
+from excb.rundir.checkpoint import clear_staging, staging_root
 from excb.storage import resolve_fs
 
 FAKE_WANDB_KEY = "wandb-fake-api-key-7c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"
@@ -109,7 +110,19 @@ def test_event_files_in_the_run_dir_hold_the_scalars(tmp_path: Path) -> None:
         "epoch/subset_knn_top1": [(20, 61.25)],
         "epoch/epoch": [(20, 1.0)],
     }
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"excb-track-{os.getpid()}-*"))  # staging removed
+    assert not glob.glob(os.path.join(staging_root(str(run_dir)), "track-*"))  # staging removed
+
+
+def test_staging_lives_in_the_runs_staging_root_and_a_new_attempt_clears_it(tmp_path: Path) -> None:
+    """A killed attempt never closes its tracker: its staging folder sits in the run's staging root, which the next
+    attempt's clear_staging removes (the rehearsal found such folders left in the temp folder)."""
+    run_dir = str(tmp_path / "run")
+    killed = open_trackers(_cfg(), run_dir, resume_step=0)
+    killed.log_step(1, {"loss": 1.0})
+    left = glob.glob(os.path.join(staging_root(run_dir), f"track-{os.getpid()}-tb-*"))
+    assert len(left) == 1
+    clear_staging(run_dir)  # what the next attempt's rank 0 does first
+    assert not os.path.exists(left[0])
 
 
 def _attempt(run_dir: str, resume_step: int, steps: range, offset: float, epochs: dict[int, int],
@@ -320,7 +333,7 @@ def test_wandb_offline_run_files_reach_an_s3_run_dir(s3_bucket: str, tmp_path: P
     ids, rows = _wandb_history(local)
     assert ids == [json.loads((local / STATE_FILE).read_text())["wandb_run_id"]]
     assert {row["_step"]: row.get("train/loss", row.get("epoch/loss")) for row in rows} == {3: 0.75, 4: 0.5}
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"excb-track-{os.getpid()}-*"))  # staging removed
+    assert not glob.glob(os.path.join(staging_root(run_dir), "track-*"))  # staging removed
 
 
 def test_wandb_online_needs_the_api_key_from_the_environment(tmp_path: Path, wandb_home: Path) -> None:

@@ -230,8 +230,14 @@ def _remove_stale_staging() -> None:
             pass
 
 
-def _staging_dir(what: str) -> str:
-    return tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-{what}-")
+def _staging_dir(what: str, run_dir: str) -> str:
+    """A local folder under the run's :func:`excb.rundir.checkpoint.staging_root`, so the next attempt of the run
+    on this machine removes what a killed one left (``clear_staging``)."""
+    from excb.rundir.checkpoint import staging_root
+
+    root = staging_root(run_dir)
+    os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"track-{os.getpid()}-{what}-", dir=root)
 
 
 def _put_file(fs: pafs.FileSystem, local: str, dest: str) -> None:
@@ -315,7 +321,7 @@ class _TensorBoard:
         writer_class = _summary_writer_class()
         self._fs, folder = resolve_fs(join(run_dir, TENSORBOARD_DIR))
         self._dest = posixpath.join(folder, _event_file_name(self._fs, folder))
-        self._staging = _staging_dir("tb")
+        self._staging = _staging_dir("tb", run_dir)
         # purge_step: TensorBoard drops the events of earlier files at steps >= resume_step + 1 (logged by an
         # interrupted attempt after the checkpoint this one resumes from); the epoch row at resume_step stays.
         self._writer = writer_class(self._staging, purge_step=int(resume_step) + 1, flush_secs=30)
@@ -372,7 +378,7 @@ class _Wandb:
         self._run_dir = run_dir
         # Local run dirs hold W&B's folder directly; remote ones get a local staging folder, whose offline run
         # files are copied to RUN/wandb/ at each epoch end and at close.
-        self._root = _staging_dir("wandb") if self._remote else run_dir
+        self._root = _staging_dir("wandb", run_dir) if self._remote else run_dir
         if not state.get("wandb_run_id"):
             state["wandb_run_id"] = secrets.token_hex(8)
             write_json(join(run_dir, STATE_FILE), state)
