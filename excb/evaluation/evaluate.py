@@ -165,7 +165,11 @@ def _with_ray(run_dir: str, checkpoint: str, cfg: ExcbConfig, path: str, limit: 
     resources = ray.cluster_resources()
     workers = cfg.eval.feature_workers or cfg.train.max_workers
     use_gpu = cfg.train.use_gpu and resources.get("GPU", 0) >= 1
-    cpus = max(0.25, min(float(cfg.train.cpus_per_worker), resources.get("CPU", 1.0) / (workers + 1)))
+    # one CPU stays free for Ray Data's read/decode tasks (each asks for 1): otherwise the actors hold every CPU of a
+    # small machine and the pass never starts
+    spare = max(resources.get("CPU", 2.0) - 1.0, 0.5)
+    workers = max(1, min(workers, int(spare / 0.25)))
+    cpus = min(float(cfg.train.cpus_per_worker), spare / workers)
     kw = dict(data_path=path, concurrency=workers, batch_size=cfg.eval.feature_batch_size, use_gpu=use_gpu,
               num_cpus_per_actor=cpus, limit=limit)
     train = extract_split_features(run_dir, checkpoint, "train", **kw)
