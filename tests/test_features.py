@@ -245,6 +245,10 @@ def test_evaluation_of_a_run_on_s3(ray_session: None, s3_endpoint: str, s3_bucke
     expected = knn_top1(tr_f, tr_y, te_f, te_y, k=20, temperature=0.07)
     assert knn_top1_distributed(train, test, workers=2, block_rows=64) == pytest.approx(expected, abs=0.01)
     assert extract_split_features(run, ckpt, "test", **kw) == test  # reused from s3
+    from excb.evaluation.evaluate import evaluate_run
+
+    quick = evaluate_run(run, engine="ray", knn_only=True)  # what `excb evaluate RUN --knn-only` runs
+    assert quick["knn_top1"] == pytest.approx(expected, abs=0.01) and quick["eval_train_rows"] == 160
 
 
 def test_cli_evaluate_refuses_a_mismatched_backbone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

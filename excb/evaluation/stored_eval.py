@@ -45,7 +45,7 @@ def assignment_counts(features: FeatureSet, num_prototypes: int, block_rows: int
     """n_k = #{i : argmax_k z_ik = k} over the stored split, one block at a time (float64 [K])."""
     counts = torch.zeros(num_prototypes, dtype=torch.float64)
     for table in features.iter_tables(["assignment"], block_rows):
-        a = torch.from_numpy(np.asarray(table["assignment"].to_numpy(), dtype=np.int64))
+        a = torch.from_numpy(np.array(table["assignment"].to_numpy(), dtype=np.int64))  # a writable copy
         counts += torch.bincount(a, minlength=num_prototypes)[:num_prototypes].double()
     return counts
 
@@ -92,9 +92,9 @@ def evaluate_stored(train: FeatureSet, test: FeatureSet, cfg: ExcbConfig, *, lin
                     workers: int = 2, num_cpus_per_task: float = 1.0) -> dict[str, Any]:
     """The keys of :func:`excb.evaluation.evaluate.evaluate_features` from stored features: ``knn_top1``
     (over ``workers`` Ray tasks), ``linear_top1`` (with ``linear_probe``) and ``linear_fit``, NMI / ARI /
-    cluster accuracies of the test assignments, the train split's cluster health, and the peak resident memory
-    of the kNN tasks (``knn_task_peak_rss_mb``). An unlabelled split gives ``labels_missing`` (the reason)
-    instead of the label-based keys."""
+    cluster accuracies of the test assignments, the train split's cluster health, and the memory of the kNN
+    tasks (``knn_task_peak_rss_mb``: the largest peak RSS; ``knn_task_growth_mb``: the largest growth inside a
+    task). An unlabelled split gives ``labels_missing`` (the reason) instead of the label-based keys."""
     e = cfg.eval
     k = cfg.model.num_prototypes
     out: dict[str, Any] = {}
@@ -105,6 +105,9 @@ def evaluate_stored(train: FeatureSet, test: FeatureSet, cfg: ExcbConfig, *, lin
                                  num_cpus_per_task=num_cpus_per_task)
         out["knn_top1"] = result.top1
         out["knn_task_peak_rss_mb"] = max(result.peak_rss_bytes) / 2**20
+        # growth inside the task (peak − RSS at its start): what the kNN itself needs, without what the reused
+        # worker process already held from earlier tasks
+        out["knn_task_growth_mb"] = max(t.peak_rss - t.start_rss for t in result.tasks) / 2**20
         if linear_probe:
             out["linear_top1"], out["linear_fit"] = _linear_top1(train, test, cfg)
         y, a = labels_and_assignments(test)
