@@ -447,7 +447,9 @@ def test_student_heads_equal_released_classifier(head_norm: str, seed: int) -> N
     gen = torch.Generator().manual_seed(seed + 1000)
     weights = [torch.randn(z.shape, generator=gen) for z in d]
     (g_global,) = torch.autograd.grad(sum((w * z).sum() for w, z in zip(weights[:2], d[:2])), v)
-    torch.testing.assert_close(student.prototypes.weight.grad, g_global, rtol=1e-4, atol=1e-6)
+    # float32 sums in another order: one element of 160 once differed by 3.8e-6 (0.02 %) in the full suite
+    torch.testing.assert_close(student.prototypes.weight.grad, g_global, rtol=1e-4,
+                               atol=1e-5 * g_global.abs().max().item())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

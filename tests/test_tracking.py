@@ -117,9 +117,12 @@ def test_staging_lives_in_the_runs_staging_root_and_a_new_attempt_clears_it(tmp_
     """A killed attempt never closes its tracker: its staging folder sits in the run's staging root, which the next
     attempt's clear_staging removes (the rehearsal found such folders left in the temp folder)."""
     run_dir = str(tmp_path / "run")
-    killed = open_trackers(_cfg(), run_dir, resume_step=0)
-    killed.log_step(1, {"loss": 1.0})
-    left = glob.glob(os.path.join(staging_root(run_dir), f"track-{os.getpid()}-tb-*"))
+    code = ("import os, sys; from excb.config import load_config; from excb.run.tracking import open_trackers; "
+            "t = open_trackers(load_config(None, []), sys.argv[1], resume_step=0); t.log_step(1, {'loss': 1.0}); "
+            "print(os.getpid(), flush=True); os._exit(0)")  # ends without closing, as a killed worker does
+    pid = int(subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True,
+                             check=True).stdout)
+    left = glob.glob(os.path.join(staging_root(run_dir), f"track-{pid}-tb-*"))
     assert len(left) == 1
     clear_staging(run_dir)  # what the next attempt's rank 0 does first
     assert not os.path.exists(left[0])
