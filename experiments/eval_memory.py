@@ -77,7 +77,11 @@ def untrained_run(run_dir: Path, overrides: list[str]) -> None:
     from excb.config import load_config
     from excb.method.learner import ExcbLearner
     from excb.run.worker import training_state
-    from excb.rundir.checkpoint import checkpoint_dir_name, list_checkpoints, write_state_dir
+    from excb.rundir.checkpoint import (
+        checkpoint_dir_name,
+        list_checkpoints,
+        write_state_dir,
+    )
 
     if list_checkpoints(str(run_dir)):
         return

@@ -32,9 +32,8 @@ SLOT = {"excb_slot": 1}  # one training worker per node
 def cluster() -> Iterator[Any]:
     """A head node (2 CPUs) and one worker node (1 CPU), each with one training slot; fast node-death detection."""
     import ray
-    from ray.cluster_utils import Cluster
-
     from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
 
     ray.shutdown()  # one Ray instance at a time: the shared test instance steps aside
     # Cluster() writes the head's address into Ray's default temp folder and fails where no Ray ran before (a fresh
