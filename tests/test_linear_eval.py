@@ -156,7 +156,7 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
     summary = result["summary"]
     assert summary["epochs"] == 8 and summary["val_rows"] == 320 and summary["heads"] == 3
     # ten classes: chance is 10 %; this random ConvNet's features are small (std ~0.06), hence the large lrs
-    assert summary["best_top1"] >= summary["top1"] > 20.0
+    assert summary["best_top1"] >= summary["top1"] > 15.0  # 3 standard errors above chance on 320 rows
     assert 0 < summary["top1"] <= summary["top5"] <= 100
     assert min(abs(summary["best_lr"] - v) for v in (5.0, 10.0, 15.0)) < 1e-9
     state = read_state_dir(list_checkpoints(str(out))[-1])
