@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
 from testkit.fake_run import make_run
+from testkit.processes import train_worker_pids
 
 from excb.config import ConfigError, load_config
 from excb.linear.config import LinearConfig, linear_from_dict, load_linear_config
@@ -99,17 +99,6 @@ def test_class_count_from_shards(fm_shards: Any) -> None:
         count_classes(load_config(None, ["data.dataset=synthetic", "data.format=webdataset"]), shards)
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
-
-
 @pytest.mark.ray
 def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,7 +133,7 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
         if (out / "metrics.jsonl").exists():
             before = read_metrics(str(out))
         time.sleep(0.1)
-    victims = _train_worker_pids()
+    victims = train_worker_pids()
     assert before and victims, (before, victims)
     os.kill(victims[0], signal.SIGKILL)
     thread.join()

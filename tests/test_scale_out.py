@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import ray
 from testkit.configs import TINY
+from testkit.processes import train_worker_pids
 
 from excb.config import dump_yaml, load_config
 from excb.run.pretrain import run_pretraining
@@ -39,19 +39,6 @@ def shards(fm_shards: Callable[..., str]) -> str:
 def _cfg(shards: str, *extra: str):
     return load_config(None, [*TINY, f"data.path={shards}", "train.cpus_per_worker=0.5",
                               "eval.final_eval=false", *extra])
-
-
-def _train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes of this test's Ray instance (started by this process, so its
-    descendants; their process title names the actor class)."""
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
 
 
 def _wait_for_epochs(run_dir: Path, n: int, alive: Any) -> list[dict[str, Any]]:
@@ -109,12 +96,12 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_session: None,
     run_dir = tmp_path / "k"
     before = _wait_for_epochs(run_dir, 1, thread.is_alive)
     time.sleep(before[0]["epoch_seconds"] / 2)  # into the middle of epoch 2
-    victims = _train_worker_pids()
+    victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[0], signal.SIGKILL)
     thread.join()
     assert "error" not in result, result.get("error")
-    assert victims[0] not in _train_worker_pids()
+    assert victims[0] not in train_worker_pids()
 
     history = read_metrics(str(run_dir))
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # no epoch skipped, none twice
@@ -176,7 +163,7 @@ def test_worker_killed_inside_an_epoch_resumes_at_the_next_step(ray_session: Non
     while thread.is_alive() and not (first_inside / "state.json").exists():
         time.sleep(0.05)
     assert first_inside.exists(), "no checkpoint inside epoch 2 was written"
-    victims = _train_worker_pids()
+    victims = train_worker_pids()
     assert len(victims) == 2, victims
     os.kill(victims[1], signal.SIGKILL)
     thread.join()

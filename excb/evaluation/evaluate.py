@@ -96,17 +96,6 @@ def evaluate_teacher(net: ExcbNetwork, augment: MultiCropAugment, train_x: Tenso
                              linear_weight_decay=linear_weight_decay, linear_max_iter=linear_max_iter)
 
 
-def teacher_from_state(state: dict) -> tuple[ExcbNetwork, ExcbConfig]:
-    """Rebuild the teacher network (and the run's config) from a training-state checkpoint."""
-    from excb.config import from_dict
-    from excb.method.model import build_student_teacher
-
-    cfg = from_dict(state["config"])
-    _, teacher = build_student_teacher(cfg)
-    teacher.load_state_dict(state["teacher"])
-    return teacher, cfg
-
-
 def choose_engine(cfg: ExcbConfig, data_path: str, requested: str, limit: int | None = None) -> str:
     """"memory" or "ray" for ``requested`` (``eval.engine``): auto = memory for prepared shards whose decoded
     train split (rows × C × H × W bytes, rows from the Parquet footers) takes at most ``eval.in_memory_max_mb``,

@@ -236,8 +236,7 @@ def check_backbone(state: dict[str, Any], cfg: ExcbConfig, where: str = "checkpo
 
 
 def load_teacher(state: dict[str, Any], where: str = "checkpoint") -> tuple[ExcbNetwork, ExcbConfig]:
-    """The teacher network (eval mode) and config of a training state, like
-    :func:`excb.evaluation.evaluate.teacher_from_state`, after :func:`check_backbone`."""
+    """The teacher network (eval mode) and config of a training state, after :func:`check_backbone`."""
     from excb.config import from_dict
     from excb.method.model import build_student_teacher
 
