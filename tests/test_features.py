@@ -213,10 +213,20 @@ def test_features_two_actors_reuse_and_distributed_knn(ray_session: None, shards
     _, te_f, te_y, _ = test.load()
     _, tr_f, tr_y, _ = again.load()
     expected = knn_top1(tr_f, tr_y, te_f, te_y, k=20, temperature=0.07)
+    import ray
+
+    def worker_pid() -> int:  # defined here so that it is pickled by value (workers cannot import this module)
+        return os.getpid()
+
+    pid_task = ray.remote(worker_pid).options(num_cpus=0.5)
+    task_workers = set(ray.get([pid_task.remote() for _ in range(4)]))
     assert knn_top1_distributed(again, test, workers=2, block_rows=64) == pytest.approx(expected, abs=0.01)
     result = knn_distributed(again, test, workers=2, block_rows=50, max_chunk_rows=50)
     assert result.top1 == pytest.approx(expected, abs=0.01) and result.rows == 320
     assert len(result.peak_rss_bytes) == 7 and all(p > 0 for p in result.peak_rss_bytes)
+    # the kNN ran in workers of its own, not in those that ran earlier tasks (their heap would count)
+    knn_workers = {t.pid for t in result.tasks}
+    assert knn_workers and 0 not in knn_workers and not knn_workers & task_workers
 
 
 @pytest.mark.ray

@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Self
@@ -95,12 +96,14 @@ class PeakRss:
 
 @dataclass
 class TaskStats:
-    """One kNN task: its test ``rows``, RSS at its start and peak RSS while it ran (bytes), and its time."""
+    """One kNN task: its test ``rows``, RSS at its start and peak RSS while it ran (bytes), its time, and the pid
+    of the process it ran in."""
 
     rows: int
     start_rss: int
     peak_rss: int
     seconds: float
+    pid: int = 0
 
 
 @dataclass
@@ -163,7 +166,8 @@ def knn_chunk(train: FeatureSet, test: FeatureSet, segments: list[Segment], k: i
         nb = blockwise_neighbours(feats, _train_blocks(train, block_rows), k, test_chunk)
         del feats
     return nb.sims, nb.labels, labels, TaskStats(rows=int(labels.numel()), start_rss=rss.start,
-                                                 peak_rss=rss.peak, seconds=time.perf_counter() - t0)
+                                                 peak_rss=rss.peak, seconds=time.perf_counter() - t0,
+                                                 pid=os.getpid())
 
 
 def _check(train: FeatureSet, test: FeatureSet) -> None:
@@ -184,7 +188,10 @@ def knn_distributed(train: FeatureSet, test: FeatureSet, *, k: int = 20, tempera
 
     The test rows are cut into ``workers`` chunks (more, of at most ``max_chunk_rows`` rows, when that is given,
     so a task's memory does not grow with the test split either), at most ``workers`` tasks running at a time,
-    each using ``num_cpus_per_task`` CPUs.
+    each using ``num_cpus_per_task`` CPUs. The tasks run in worker processes of their own (a runtime environment
+    that only this call's tasks have, so Ray starts new workers for them instead of reusing those that ran the
+    feature extraction or other tasks): a reused worker keeps the heap and the object-store pages its earlier
+    tasks touched, and its resident memory would then grow with the data those tasks read.
 
     Raises:
         ValueError: a split is unlabelled or empty, or the feature dimensions differ.
@@ -196,7 +203,8 @@ def knn_distributed(train: FeatureSet, test: FeatureSet, *, k: int = 20, tempera
         raise ValueError(f"workers and block_rows must be positive, got {workers} and {block_rows}")
     n_chunks = workers if not max_chunk_rows else max(workers, math.ceil(test.rows / max_chunk_rows))
     chunks = chunk_rows(test.file_rows(), n_chunks)
-    remote = ray.remote(knn_chunk).options(num_cpus=num_cpus_per_task, num_returns=1)
+    own_workers = {"env_vars": {"EXCB_KNN_POOL": uuid.uuid4().hex}}
+    remote = ray.remote(knn_chunk).options(num_cpus=num_cpus_per_task, num_returns=1, runtime_env=own_workers)
     train_ref, test_ref = ray.put(train), ray.put(test)
     pending: dict[ray.ObjectRef, int] = {}
     stats: dict[int, TaskStats] = {}
