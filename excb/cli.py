@@ -60,6 +60,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if "linear_top1" in summary:
         print(f"linear probe top-1: {summary['linear_top1']:.2f}%  ARI: {summary['ari']:.3f}  cluster accuracy: "
               f"{summary['cluster_acc_hungarian']:.1f}% (Hungarian), {summary['cluster_acc_majority']:.1f}% (majority)")
+    from excb.evaluation.reference import reference_lines
+
+    for line in reference_lines(summary):
+        print(line)
     if "prototypes_used" in summary:
         print(f"prototypes used: {100 * summary['prototypes_used']:.1f}%  max cluster share: "
               f"{summary['max_cluster_share_x_uniform']:.2f}× uniform  NMI: {summary.get('nmi', float('nan')):.3f}")

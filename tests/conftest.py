@@ -24,6 +24,12 @@ from testkit.net import free_port
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test caches (reference scores) in a folder of its own, never in the user's ~/.cache/excb."""
+    monkeypatch.setenv("EXCB_CACHE_DIR", str(tmp_path_factory.mktemp("excb-cache")))
+
+
 @pytest.fixture(scope="session")
 def _ray_teardown() -> Iterator[None]:
     """Shut down whatever Ray instance the session's tests left running."""

@@ -169,6 +169,9 @@ class EvalConfig:
     linear_stream_epochs: int = 10  # the streaming probe: passes, lr (cosine to 0, momentum 0.9), batch
     linear_stream_lr: float = 0.1
     linear_stream_batch_size: int = 1024
+    # The same kNN and linear probe on raw pixels and on the untrained network, next to the model's scores (in-memory
+    # engine only; cached per dataset under $EXCB_CACHE_DIR or ~/.cache/excb): what the model's numbers mean.
+    reference_scores: bool = True
 
 
 @dataclass

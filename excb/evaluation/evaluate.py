@@ -136,7 +136,25 @@ def _in_memory(teacher: ExcbNetwork, cfg: ExcbConfig, path: str, limit: int | No
         temperature=cfg.eval.knn_temperature, linear_probe=linear_probe,
         linear_weight_decay=cfg.eval.linear_weight_decay, linear_max_iter=cfg.eval.linear_max_iter)
     out.update(eval_train_rows=int(len(train_x)), eval_test_rows=int(len(test_x)))
+    if cfg.eval.reference_scores and _labelled(train_y) and _labelled(test_y):
+        out.update(_references(cfg, path, train_x, train_y, test_x, test_y, limit, linear_probe))
     return out, fte, test_y
+
+
+def _references(cfg: ExcbConfig, path: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                test_y: np.ndarray, limit: int | None, linear_probe: bool) -> dict[str, float]:
+    """Raw-pixel and untrained-network scores (:mod:`excb.evaluation.reference`); none when the train split's
+    pixels as float32 would take more than ``eval.linear_in_memory_mb`` (the probe's in-memory budget)."""
+    from excb import console
+    from excb.evaluation.reference import reference_scores
+
+    pixels_mb = len(train_x) * cfg.data.channels * cfg.augment.global_size ** 2 * 4 / 2**20
+    if pixels_mb > cfg.eval.linear_in_memory_mb:
+        console.info(f"reference scores skipped: the train split's pixels take {pixels_mb:.0f} MB as float32 "
+                     f"(eval.linear_in_memory_mb = {cfg.eval.linear_in_memory_mb:g})")
+        return {}
+    return reference_scores(cfg, path, torch.from_numpy(train_x), train_y, torch.from_numpy(test_x), test_y,
+                            limit=limit, linear_probe=linear_probe)
 
 
 def _with_ray(run_dir: str, checkpoint: str, cfg: ExcbConfig, path: str, limit: int | None,

@@ -34,8 +34,17 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [int(r["epoch"]) for r in rows], [float(r[key]) for r in rows]
 
 
+def _summary(run_dir: str) -> dict[str, Any]:
+    """RUN_DIR/summary.json, or {} before the run has one."""
+    import json
+
+    path = join(run_dir, "summary.json")
+    return json.loads(read_text(path)) if exists(path) else {}
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Draw loss.png, knn.png and clusters.png from RUN_DIR/metrics.jsonl into RUN_DIR/plots (or out_dir)."""
+    """Draw loss.png, knn.png and clusters.png from RUN_DIR/metrics.jsonl into RUN_DIR/plots (or out_dir); knn.png
+    also marks the final kNN and the raw-pixel and untrained-network references of summary.json when present."""
     history = read_metrics(run_dir)
     if not history:
         raise FileNotFoundError(f"no metrics in {run_dir} (expected {join(run_dir, 'metrics.jsonl')})")
@@ -51,8 +60,17 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     epochs, knn = _series(history, "subset_knn_top1")
     if knn:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(epochs, knn, marker="o", color="tab:green")
-        ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1 (per-epoch subset)")
+        ax.plot(epochs, knn, marker="o", color="tab:green", label="model (per-epoch subset)")
+        summary = _summary(run_dir)
+        if "knn_top1" in summary:
+            ax.scatter([epochs[-1]], [summary["knn_top1"]], marker="*", s=120, color="tab:green", zorder=3,
+                       label="model (final, all images)")
+        for key, label, colour in (("raw_pixels_knn_top1", "raw pixels (all images)", "tab:grey"),
+                                   ("random_init_knn_top1", "untrained network (all images)", "tab:red")):
+            if key in summary:
+                ax.axhline(summary[key], color=colour, ls="--", lw=1, label=label)
+        ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1")
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         written.append(save_figure(fig, join(out, "knn.png")))
 
