@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -90,6 +91,19 @@ def untrained_run(run_dir: Path, overrides: list[str]) -> None:
     write_state_dir(training_state(learner, 1, [], cfg), str(run_dir / checkpoint_dir_name(1)))
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """Resident memory of a process (bytes) from /proc/PID/status: ``rss`` in all, ``anon`` its private
+    (anonymous) pages, ``shared`` the file and shared-memory pages it maps (Ray's object store is shared memory)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields.get("VmRSS", 0), "anon": fields.get("RssAnon", 0),
+            "shared": fields.get("RssFile", 0) + fields.get("RssShmem", 0)}
+
+
 class Sampler:
     """Peak RSS of this process and of every process below it (Ray's), by pid, every ``interval`` seconds."""
 
@@ -98,7 +112,7 @@ class Sampler:
 
         self.psutil, self.me, self.interval = psutil, psutil.Process(), interval
         self.peaks: dict[int, dict[str, Any]] = {}
-        self.driver = 0
+        self.driver = self.driver_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -109,9 +123,10 @@ class Sampler:
     def sample(self) -> None:
         ps = self.psutil
         try:
-            self.driver = max(self.driver, self.me.memory_info().rss)
-        except ps.Error:
+            mine = rss_parts(self.me.pid)
+        except OSError:
             return
+        self.driver, self.driver_anon = max(self.driver, mine["rss"]), max(self.driver_anon, mine["anon"])
         # every Ray process on the machine (only one Ray instance runs here), not only this process's descendants:
         # children() missed the feature actors in a first run
         for p in ps.process_iter():
@@ -121,10 +136,13 @@ class Sampler:
                 name = " ".join(p.cmdline())[:80]
                 if not (name.startswith("ray::") or "default_worker" in name):
                     continue
-                rss = p.memory_info().rss
-                entry = self.peaks.setdefault(p.pid, {"name": name, "peak": 0})
-                entry["peak"] = max(entry["peak"], rss)
-            except ps.Error:
+                parts = rss_parts(p.pid)
+                entry = self.peaks.setdefault(p.pid, {"names": set(), "peak": 0, "anon": 0, "shared": 0})
+                entry["names"].add(name.split()[0])
+                entry["peak"] = max(entry["peak"], parts["rss"])
+                entry["anon"] = max(entry["anon"], parts["anon"])
+                entry["shared"] = max(entry["shared"], parts["shared"])
+            except (ps.Error, OSError):
                 continue
 
     def __enter__(self) -> Sampler:
@@ -137,9 +155,33 @@ class Sampler:
         self._thread.join()
         self.sample()
 
-    def workers(self) -> list[int]:
-        """Peaks of Ray's worker processes (where actors and tasks run), largest first."""
-        return sorted((e["peak"] for e in self.peaks.values()), reverse=True)
+    def workers(self, key: str = "peak", task: str | None = None) -> list[int]:
+        """Peaks (``peak`` RSS, ``anon`` private, ``shared``) of Ray's worker processes (where actors and tasks
+        run), largest first; only those that ran ``task`` (``ray::<task>`` seen in their title) when given."""
+        return sorted((e[key] for e in self.peaks.values() if task is None or f"ray::{task}" in e["names"]),
+                      reverse=True)
+
+
+def measure(run: Path, label: str, data: str) -> dict[str, Any]:
+    """Evaluate ``run`` on ``data`` with the Ray engine while sampling memory; one row of the table."""
+    from excb.evaluation.evaluate import evaluate_run
+
+    t0 = time.time()
+    with Sampler() as s:
+        result = evaluate_run(str(run), data_path=data, engine="ray")
+    knn_rss, knn_anon = s.workers(task="knn_chunk"), s.workers("anon", task="knn_chunk")
+    return {"dataset": label, "data": data, "train_rows": result["eval_train_rows"],
+            "test_rows": result["eval_test_rows"], "seconds": time.time() - t0,
+            "driver_peak_mib": s.driver / MIB, "driver_private_peak_mib": s.driver_anon / MIB,
+            "worker_peak_mib": [w / MIB for w in s.workers()],
+            "worker_private_peak_mib": [w / MIB for w in s.workers("anon")],
+            "worker_shared_peak_mib": [w / MIB for w in s.workers("shared")],
+            "knn_worker_peak_mib": [w / MIB for w in knn_rss],
+            "knn_worker_private_peak_mib": [w / MIB for w in knn_anon],
+            "knn_task_peak_rss_mib": result.get("knn_task_peak_rss_mb"),
+            "knn_task_growth_mib": result.get("knn_task_growth_mb"),
+            "knn_top1": result.get("knn_top1"), "linear_top1": result.get("linear_top1"),
+            "linear_fit": result.get("linear_fit")}
 
 
 def main() -> int:
@@ -148,12 +190,12 @@ def main() -> int:
     p.add_argument("--run", default=None, help="a trained run to evaluate (default: an untrained checkpoint)")
     p.add_argument("--results", default=str(ROOT / "experiments" / "RESULTS.md"))
     p.add_argument("--json", default=str(ROOT / "experiments" / "results" / "eval_memory.json"))
+    p.add_argument("--one", choices=["60k", "240k"], help=argparse.SUPPRESS)  # internal: one size, this process
     p.add_argument("overrides", nargs="*", help="config overrides of the untrained checkpoint")
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
-    from excb.evaluation.evaluate import evaluate_run
     from excb.run.startup import init_ray
 
     t = time.time()
@@ -163,27 +205,27 @@ def main() -> int:
     # eval.linear_in_memory_mb=0: the streaming probe, so no step loads a whole split's features
     untrained_run(run, ["eval.linear_in_memory_mb=0", "eval.feature_workers=2", "train.cpus_per_worker=1",
                         *args.overrides])
-    init_ray(num_cpus=2)
-    rows = []
-    for label, data in (("60k", small), ("240k", big)):
+    if args.one:  # a child: one size, in a fresh process with its own Ray instance
+        import ray
+
+        data = {"60k": small, "240k": big}[args.one]
+        init_ray(num_cpus=2)
         shutil.rmtree(run / "features", ignore_errors=True)
-        t0 = time.time()
-        with Sampler() as s:
-            result = evaluate_run(str(run), data_path=data, engine="ray")
-        workers = s.workers()
-        rows.append({"dataset": label, "data": data, "train_rows": result["eval_train_rows"],
-                     "test_rows": result["eval_test_rows"], "seconds": time.time() - t0,
-                     "driver_peak_mib": s.driver / MIB, "worker_peak_mib": [w / MIB for w in workers],
-                     "knn_task_peak_rss_mib": result.get("knn_task_peak_rss_mb"),
-                     "knn_task_growth_mib": result.get("knn_task_growth_mb"),
-                     "knn_top1": result.get("knn_top1"), "linear_top1": result.get("linear_top1"),
-                     "linear_fit": result.get("linear_fit")})
+        print("ROW " + json.dumps(measure(run, args.one, data)), flush=True)
+        ray.shutdown()
+        return 0
+    rows = []
+    for label in ("60k", "240k"):
+        # each size in its own process, so neither starts from what the other left in the driver's heap
+        cmd = [sys.executable, __file__, "--one", label, "--work-dir", str(work),
+               *(["--run", args.run] if args.run else []), *args.overrides]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
         print(json.dumps(rows[-1]), flush=True)
 
     import ray
     import torch
 
-    ray.shutdown()
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python " \
               f"{platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}"
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -194,25 +236,29 @@ def main() -> int:
     lines = [f"\n### Evaluation memory at two dataset sizes (issue 13) — {stamp}\n",
              "\n`flock /tmp/excb-ray.lock .venv/bin/python experiments/eval_memory.py` "
              f"(machine: {machine}). The same checkpoint ({'run ' + str(args.run) if args.run else 'untrained'}) "
-             "evaluated with `engine=ray`: features by 2 Ray Data actors into Parquet, kNN (k=20, T=0.07) over Ray "
-             "tasks in blocks of `eval.knn_block_rows` train rows, the streaming linear probe. RSS sampled every "
-             "0.2 s with psutil; a Ray worker's RSS includes object-store pages it maps.\n\n",
-             "| train rows | test rows | wall | driver peak RSS | largest Ray worker peak RSS | kNN task peak RSS "
-             "| kNN task growth | kNN top-1 | linear top-1 |\n",
+             "evaluated with `engine=ray`, each size in a fresh driver process with its own Ray instance: features by 2 Ray Data actors into Parquet, kNN (k=20, T=0.07) over Ray "
+             "tasks in blocks of `eval.knn_block_rows` train rows (in worker processes of their own), the "
+             "streaming linear probe. Memory from /proc/PID/status every 0.2 s: RSS, and its private part (RssAnon; "
+             "the rest is the object store's shared memory and mapped files, counted once per process that "
+             "maps them).\n\n",
+             "| train rows | test rows | wall | driver peak RSS (private) | largest Ray worker peak RSS (private) "
+             "| kNN worker peak RSS (private) | kNN task growth | kNN top-1 | linear top-1 |\n",
              "|---|---|---|---|---|---|---|---|---|\n"]
+    top = lambda r, k: max(r[k]) if r[k] else float("nan")  # noqa: E731
     for r in rows:
-        worst = max(r["worker_peak_mib"]) if r["worker_peak_mib"] else float("nan")
         lines.append(f"| {r['train_rows']:,} | {r['test_rows']:,} | {r['seconds']:.0f} s "
-                     f"| {r['driver_peak_mib']:.0f} MiB "
-                     f"| {worst:.0f} MiB | {r['knn_task_peak_rss_mib']:.0f} MiB | {r['knn_task_growth_mib']:.0f} MiB "
-                     f"| {r['knn_top1']:.2f} % "
-                     f"| {r['linear_top1']:.2f} % |\n")
+                     f"| {r['driver_peak_mib']:.0f} MiB ({r['driver_private_peak_mib']:.0f} MiB) "
+                     f"| {top(r, 'worker_peak_mib'):.0f} MiB ({top(r, 'worker_private_peak_mib'):.0f} MiB) "
+                     f"| {top(r, 'knn_worker_peak_mib'):.0f} MiB ({top(r, 'knn_worker_private_peak_mib'):.0f} MiB) "
+                     f"| {r['knn_task_growth_mib']:.0f} MiB | {r['knn_top1']:.2f} % | {r['linear_top1']:.2f} % |\n")
     a, b = rows
     growth = lambda k: b[k] / a[k] if a[k] else float("nan")  # noqa: E731
-    lines.append(f"\n4× the training rows: driver peak ×{growth('driver_peak_mib'):.2f}, largest worker peak "
-                 f"×{max(b['worker_peak_mib']) / max(a['worker_peak_mib']):.2f}, kNN task peak "
-                 f"×{growth('knn_task_peak_rss_mib'):.2f} (its growth inside the task "
-                 f"×{growth('knn_task_growth_mib'):.2f}), "
+    ratio = lambda k: top(b, k) / top(a, k)  # noqa: E731
+    lines.append(f"\n4× the training rows: driver peak ×{growth('driver_peak_mib'):.2f} (private "
+                 f"×{growth('driver_private_peak_mib'):.2f}), largest worker peak "
+                 f"×{ratio('worker_peak_mib'):.2f} (private ×{ratio('worker_private_peak_mib'):.2f}), kNN worker "
+                 f"peak ×{ratio('knn_worker_peak_mib'):.2f} (private ×{ratio('knn_worker_private_peak_mib'):.2f}; "
+                 f"its growth inside the task ×{growth('knn_task_growth_mib'):.2f}), "
                  f"wall time ×{growth('seconds'):.2f}.\n")
     with open(args.results, "a") as f:
         f.writelines(lines)
