@@ -72,26 +72,35 @@ def test_cached_per_dataset_and_settings(tmp_path: Path, monkeypatch: pytest.Mon
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"train_rows": 120}))
     first = reference_scores(cfg, str(data), trx, try_, tex, tey)
-    files = list((reference.cache_dir() / "reference").glob("*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text()) == first
+    assert first == compute_reference_scores(cfg, trx, try_, tex, tey)
+    files = sorted((reference.cache_dir() / "reference").glob("*.json"))
+    assert len(files) == 2 and {k for f in files for k in json.loads(f.read_text())} == set(REFERENCE_KEYS)
 
-    calls = []
+    calls: list[tuple[str, ...]] = []
 
-    def counted(*args: object, **kw: object) -> dict[str, float]:
-        calls.append(1)
-        return {k: 1.0 for k in REFERENCE_KEYS}
+    def counted(*args: object, parts: tuple[str, ...] = (), **kw: object) -> dict[str, float]:
+        calls.append(parts)
+        return {k: 1.0 for k in REFERENCE_KEYS if k.startswith(parts)}
 
     monkeypatch.setattr(reference, "compute_reference_scores", counted)
     assert reference_scores(cfg, str(data), trx, try_, tex, tey) == first and not calls  # from the cache
-    other_k = load_config(None, [*CONVNET, "eval.knn_k=5"])
-    reference_scores(other_k, str(data), trx, try_, tex, tey)
+    reference_scores(load_config(None, [*CONVNET, "eval.knn_k=5"]), str(data), trx, try_, tex, tey)
+    assert calls == [("raw_pixels",), ("random_init",)]
+    calls.clear()  # another prototype count or seed: only the untrained network is scored again
+    reference_scores(load_config(None, [*CONVNET, "model.num_prototypes=24"]), str(data), trx, try_, tex, tey)
+    reference_scores(load_config(None, [*CONVNET, "train.seed=3"]), str(data), trx, try_, tex, tey)
+    assert calls == [("random_init",), ("random_init",)]
+    calls.clear()
     (data / "meta.json").write_text(json.dumps({"train_rows": 121}))  # the dataset was prepared again
     reference_scores(cfg, str(data), trx, try_, tex, tey)
     reference_scores(cfg, str(data), trx, try_, tex, tey, limit=50)
-    assert len(calls) == 3
-    files[0].write_text("{not json")  # a damaged cache entry is recomputed, not trusted
+    assert len(calls) == 4
+    calls.clear()
+    for f in files:
+        f.write_text("{not json")  # a damaged cache entry is recomputed, not trusted
     (data / "meta.json").write_text(json.dumps({"train_rows": 120}))
     assert reference_scores(cfg, str(data), trx, try_, tex, tey) == {k: 1.0 for k in REFERENCE_KEYS}
+    assert len(calls) == 2
 
 
 def test_evaluate_prints_and_stores_references_and_plots_them(tmp_path: Path, fm_shards,

@@ -52,15 +52,19 @@ def _dataset_identity(data_path: str) -> dict[str, Any]:
         return {"path": data_path, "meta": None}
 
 
-def reference_key(cfg: ExcbConfig, data_path: str, limit: int | None, linear_probe: bool) -> str:
-    """SHA-256 of everything the reference scores depend on: the dataset, the image settings, the kNN and probe
-    settings, the network config (backbone, projector, prototypes) and the seed."""
-    spec = {"version": CACHE_VERSION, "data": _dataset_identity(data_path), "limit": limit,
-            "image": [cfg.data.image_size, cfg.data.channels, list(cfg.data.mean), list(cfg.data.std),
-                      cfg.augment.global_size],
-            "knn": [cfg.eval.knn_k, cfg.eval.knn_temperature],
-            "linear": [linear_probe, cfg.eval.linear_weight_decay, cfg.eval.linear_max_iter],
-            "model": asdict(cfg.model), "seed": cfg.train.seed}
+def reference_key(cfg: ExcbConfig, data_path: str, limit: int | None, linear_probe: bool,
+                  part: str = "random_init") -> str:
+    """SHA-256 of everything a part's scores depend on: the dataset, the image settings, the kNN and probe settings,
+    and for ``random_init`` also the network config (backbone, projector, prototypes) and the seed (``raw_pixels``
+    does not depend on them, so runs that differ only there share it)."""
+    spec: dict[str, Any] = {
+        "version": CACHE_VERSION, "part": part, "data": _dataset_identity(data_path), "limit": limit,
+        "image": [cfg.data.image_size, cfg.data.channels, list(cfg.data.mean), list(cfg.data.std),
+                  cfg.augment.global_size],
+        "knn": [cfg.eval.knn_k, cfg.eval.knn_temperature],
+        "linear": [linear_probe, cfg.eval.linear_weight_decay, cfg.eval.linear_max_iter]}
+    if part == "random_init":
+        spec.update(model=asdict(cfg.model), seed=cfg.train.seed)
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -82,17 +86,21 @@ def _scores(prefix: str, ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, cfg
     return out
 
 
-def compute_reference_scores(cfg: ExcbConfig, train_x: Tensor, train_y: np.ndarray, test_x: Tensor,
-                             test_y: np.ndarray, *, linear_probe: bool = True) -> dict[str, float]:
-    """kNN top-1 (and linear-probe top-1) of raw pixels and of the untrained network (see the module docstring),
-    from uint8 images [N, C, H, W] and labels; keys in :data:`REFERENCE_KEYS`."""
+def _raw_pixel_scores(cfg: ExcbConfig, train_x: Tensor, ytr: Tensor, test_x: Tensor, yte: Tensor,
+                      linear_probe: bool) -> dict[str, float]:
+    from excb.method.augment import MultiCropAugment
+
+    augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
+    return _scores("raw_pixels", _pixels(augment, train_x), ytr, _pixels(augment, test_x), yte, cfg, linear_probe)
+
+
+def _random_init_scores(cfg: ExcbConfig, train_x: Tensor, ytr: Tensor, test_x: Tensor, yte: Tensor,
+                        linear_probe: bool) -> dict[str, float]:
     from excb.evaluation.evaluate import extract_features
     from excb.method.augment import MultiCropAugment
     from excb.method.model import build_student_teacher
 
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
-    ytr, yte = torch.from_numpy(np.asarray(train_y)), torch.from_numpy(np.asarray(test_y))
-    out = _scores("raw_pixels", _pixels(augment, train_x), ytr, _pixels(augment, test_x), yte, cfg, linear_probe)
     rng = torch.random.get_rng_state()
     try:
         torch.manual_seed(cfg.train.seed)
@@ -101,33 +109,61 @@ def compute_reference_scores(cfg: ExcbConfig, train_x: Tensor, train_y: np.ndarr
         torch.random.set_rng_state(rng)
     ftr, _ = extract_features(untrained, augment, train_x)
     fte, _ = extract_features(untrained, augment, test_x)
-    out.update(_scores("random_init", ftr, ytr, fte, yte, cfg, linear_probe))
+    return _scores("random_init", ftr, ytr, fte, yte, cfg, linear_probe)
+
+
+PARTS = {"raw_pixels": _raw_pixel_scores, "random_init": _random_init_scores}
+
+
+def compute_reference_scores(cfg: ExcbConfig, train_x: Tensor, train_y: np.ndarray, test_x: Tensor,
+                             test_y: np.ndarray, *, linear_probe: bool = True,
+                             parts: tuple[str, ...] = tuple(PARTS)) -> dict[str, float]:
+    """kNN top-1 (and linear-probe top-1) of raw pixels and of the untrained network (see the module docstring),
+    from uint8 images [N, C, H, W] and labels; keys in :data:`REFERENCE_KEYS` (those of ``parts``)."""
+    ytr, yte = torch.from_numpy(np.asarray(train_y)), torch.from_numpy(np.asarray(test_y))
+    out: dict[str, float] = {}
+    for part in parts:
+        out.update(PARTS[part](cfg, train_x, ytr, test_x, yte, linear_probe))
     return out
 
 
-def reference_scores(cfg: ExcbConfig, data_path: str, train_x: Tensor, train_y: np.ndarray, test_x: Tensor,
-                     test_y: np.ndarray, *, limit: int | None = None, linear_probe: bool = True) -> dict[str, float]:
-    """:func:`compute_reference_scores`, read from the cache when this dataset and these settings were scored
-    before, else computed and cached (written atomically: a temporary file, then a rename)."""
-    key = reference_key(cfg, data_path, limit, linear_probe)
-    path = cache_dir() / "reference" / f"{key}.json"
+def _cached(path: Path, part: str) -> dict[str, float] | None:
     try:
         cached = json.loads(path.read_text())
-        if isinstance(cached, dict) and "raw_pixels_knn_top1" in cached:
-            return {k: float(v) for k, v in cached.items() if k in REFERENCE_KEYS}
     except (OSError, ValueError):
-        pass  # missing or unreadable: compute
-    scores = compute_reference_scores(cfg, train_x, train_y, test_x, test_y, linear_probe=linear_probe)
+        return None  # missing or unreadable: compute
+    if isinstance(cached, dict) and f"{part}_knn_top1" in cached:
+        return {k: float(v) for k, v in cached.items() if k in REFERENCE_KEYS}
+    return None
+
+
+def _store(path: Path, scores: dict[str, float]) -> None:
+    """Write atomically (a temporary file, then a rename); a read-only cache only loses the cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(scores, indent=2))
         os.replace(tmp, path)
-    except OSError as e:  # a read-only home: the scores are still returned, only not kept
+    except OSError as e:
         from excb import console
 
         console.info(f"reference scores not cached ({e})")
-    return scores
+
+
+def reference_scores(cfg: ExcbConfig, data_path: str, train_x: Tensor, train_y: np.ndarray, test_x: Tensor,
+                     test_y: np.ndarray, *, limit: int | None = None, linear_probe: bool = True) -> dict[str, float]:
+    """:func:`compute_reference_scores`, each part read from the cache when this dataset and these settings were
+    scored before (:func:`reference_key`), else computed and cached."""
+    out: dict[str, float] = {}
+    for part in PARTS:
+        path = cache_dir() / "reference" / f"{reference_key(cfg, data_path, limit, linear_probe, part)}.json"
+        scores = _cached(path, part)
+        if scores is None:
+            scores = compute_reference_scores(cfg, train_x, train_y, test_x, test_y, linear_probe=linear_probe,
+                                              parts=(part,))
+            _store(path, scores)
+        out.update(scores)
+    return out
 
 
 def reference_lines(summary: dict[str, Any]) -> list[str]:
