@@ -115,3 +115,16 @@ def test_drop_path_is_stochastic_for_the_student_only() -> None:
         student.eval()
         # same weights, no drop-path at eval (eval mode takes torch's fused attention path: float noise only)
         assert torch.allclose(student.backbone(x), teacher.backbone(x), atol=1e-4)
+
+
+def test_quick_start_recipe_differs_from_the_default_only_in_its_schedules() -> None:
+    """experiments/fashion_mnist_quick.yaml (the README's first command) keeps the default recipe's network, crops
+    and data — the same work per image — and changes only the length, batch/lr and schedules it documents."""
+    from dataclasses import asdict
+
+    default = asdict(load_config(ROOT / "experiments" / "fashion_mnist.yaml"))
+    quick = asdict(load_config(ROOT / "experiments" / "fashion_mnist_quick.yaml"))
+    changed = {f"{section}.{key}": (default[section][key], quick[section][key])
+               for section in default for key in default[section] if default[section][key] != quick[section][key]}
+    assert changed == {"train.epochs": (15, 3), "train.batch_size": (256, 128), "optim.lr": (0.3, 0.15),
+                       "method.ema_start": (0.996, 0.99), "optim.warmup_epochs": (1.0, 0.3)}
