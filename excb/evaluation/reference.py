@@ -28,7 +28,8 @@ from torch import Tensor
 
 from excb.config import ExcbConfig
 
-__all__ = ["REFERENCE_KEYS", "cache_dir", "reference_key", "reference_scores"]
+__all__ = ["REFERENCE_KEYS", "cache_dir", "compute_reference_scores", "reference_key", "reference_lines",
+           "reference_scores"]
 
 CACHE_VERSION = 1  # bump when the definition of a reference score changes
 REFERENCE_KEYS = ("raw_pixels_knn_top1", "raw_pixels_linear_top1", "random_init_knn_top1",
