@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import append_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RATIOS = (("ray_over_plain", "Ray Train / plain loop"), ("end_to_end_over_synthetic", "end to end / synthetic"))
 
@@ -77,8 +79,7 @@ def main() -> int:
                      f"| {100 * r['ratios']['end_to_end_over_synthetic']:.1f} % |\n")
     lines.append("\nMedian (min–max): " + "; ".join(
         f"{name} {spread([r['ratios'][key] for r in runs])}" for key, name in RATIOS) + ".\n")
-    with open(args.results, "a") as f:
-        f.writelines(lines)
+    append_results("".join(lines).strip("\n").splitlines(), Path(args.results))
     print("".join(lines))
     return 0
 

@@ -29,6 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchlib import append_results  # noqa: E402
 
 MIB = 2**20
 
@@ -260,8 +261,7 @@ def main() -> int:
                  f"peak ×{ratio('knn_worker_peak_mib'):.2f} (private ×{ratio('knn_worker_private_peak_mib'):.2f}; "
                  f"its growth inside the task ×{growth('knn_task_growth_mib'):.2f}), "
                  f"wall time ×{growth('seconds'):.2f}.\n")
-    with open(args.results, "a") as f:
-        f.writelines(lines)
+    append_results("".join(lines).strip("\n").splitlines(), Path(args.results))
     print("".join(lines))
     return 0
 

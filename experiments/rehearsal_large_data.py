@@ -93,6 +93,7 @@ from typing import Any
 os.environ["RAY_DEDUP_LOGS"] = "0"  # read when Ray is imported: every worker line reaches this console as is
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rehearsal_kit as kit  # noqa: E402
+from benchlib import append_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "excb-rehearsal"
@@ -928,13 +929,6 @@ def markdown(res: dict[str, Any]) -> list[str]:
         L.append(f"- {pr.splitlines()[0][:400]}" + (" (details in the JSON)" if "\n" in pr else ""))
     L += ["", f"Details (events, per-process peaks, per-node spill, the audit's segments): `{res.get('json')}`.", ""]
     return L
-
-
-def append_results(lines: list[str], results: Path) -> None:
-    text = results.read_text() if results.exists() else "# Measured results\n\n"
-    tmp = results.with_name(f".{results.name}.{os.getpid()}.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
-    tmp.replace(results)
 
 
 def write_json(obj: Any, path: Path) -> None:
