@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from testkit.fake_run import make_run
+from testkit.images import quadrant_images
 
 from excb.cli import main as cli_main
 from excb.evaluation.evaluate import evaluate_teacher
@@ -22,22 +23,12 @@ HEALTH_KEYS = {"prototypes_used", "max_cluster_share_x_uniform", "min_cluster_sh
                "normalized_entropy"}
 
 
-def _pattern_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 [n, 1, 28, 28]: class c (of 4) is a bright 10×10 square in quadrant c over noise."""
-    y = torch.randint(0, 4, (n,), generator=gen)
-    x = torch.randint(0, 60, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, 2 + 14 * r:12 + 14 * r, 2 + 14 * q:12 + 14 * q] = 230
-    return x, y.numpy()
-
-
 def test_evaluate_teacher_keys_and_values(tmp_path: Path) -> None:
     _, teacher, cfg = make_run(str(tmp_path / "run"), CONVNET)
     augment = MultiCropAugment(cfg.augment, cfg.data.mean, cfg.data.std)
     gen = torch.Generator().manual_seed(0)
-    trx, try_ = _pattern_images(400, gen)
-    tex, tey = _pattern_images(200, gen)
+    trx, try_ = quadrant_images(400, gen)
+    tex, tey = quadrant_images(200, gen)
     full = evaluate_teacher(teacher, augment, trx, try_, tex, tey, k=10, temperature=0.07)  # train.py's call form
     assert set(full) == {"knn_top1", "linear_top1"} | CLUSTER_KEYS | HEALTH_KEYS
     # The quadrant patterns are linearly separable in a random ConvNet's pooled 2×2 features.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from testkit.fake_run import make_run
+from testkit.images import quadrant_images
 
 from excb.cli import main as cli_main
 from excb.config import load_config
@@ -27,14 +28,7 @@ CONVNET = ["model.backbone=convnet", "model.convnet_widths=[8,16]", "model.convn
 
 
 def _images(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 [n, 1, 28, 28]: class c (of 4) a bright square in quadrant c over noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randint(0, 90, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, 3 + 14 * r:11 + 14 * r, 3 + 14 * q:11 + 14 * q] = 200
-    return x, y.numpy()
+    return quadrant_images(n, torch.Generator().manual_seed(seed))
 
 
 def test_scores_are_the_evaluation_of_pixels_and_of_the_run_starting_network() -> None:
