@@ -1,0 +1,69 @@
+"""The full-length claims grid (experiments/claims_full_length.py) on a tiny budget: cells train through the
+project's step, a cell interrupted after an epoch resumes from its saved state to the same result as an
+uninterrupted one, finished cells are skipped, and the report aggregates them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # spawns processes
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "experiments" / "claims_full_length.py"
+TINY = ["--epochs", "2", "--train-limit", "256", "--eval-train", "300", "--eval-test", "200"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run("--one", "excb", "16", "0", "--out", str(whole), *TINY)
+    _run("--one", "excb", "16", "0", "--out", str(split), *TINY, "--stop-after-epoch", "1")
+    cell = split / "excb-b16-s0"
+    assert (cell / "state.pt").exists() and not (cell / "result.json").exists()
+    assert len(json.loads((cell / "curve.json").read_text())) == 1
+    resumed = _run("--one", "excb", "16", "0", "--out", str(split), *TINY)
+    assert "resuming after epoch 1" in resumed.stdout
+    assert not (cell / "state.pt").exists()  # removed once the result is written
+    a = json.loads((whole / "excb-b16-s0" / "result.json").read_text())
+    b = json.loads((cell / "result.json").read_text())
+    assert a["steps"] == b["steps"] == 2 * (256 // 16) and a["lr"] == 0.3 * 16 / 256
+    for key in ("knn_top1", "linear_top1", "nmi", "prototypes_used", "final_loss", "estimate_max_cluster_share_x_uniform"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    curve_a = json.loads((whole / "excb-b16-s0" / "curve.json").read_text())
+    curve_b = json.loads((cell / "curve.json").read_text())
+    assert [c["subset_knn_top1"] for c in curve_a] == pytest.approx([c["subset_knn_top1"] for c in curve_b])
+
+
+def test_grid_runs_missing_cells_then_reports(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    args = ["--out", str(out), "--methods", "excb", "--batches", "16", "32", "--extra-seeds", "1",
+            "--extra-seeds-batch", "16", *TINY]
+    first = _run(*args)
+    assert "3 cells to do" in first.stdout
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    assert {(r["method"], r["batch"], r["seed"]) for r in rows} == {("excb", 16, 0), ("excb", 32, 0), ("excb", 16, 1)}
+    for r in rows:
+        assert r["lr"] == pytest.approx(0.3 * r["batch"] / 256)  # the recipe's lr, scaled linearly with the batch
+        assert r["epochs"] == 2 and r["images_seen"] == r["steps"] * r["batch"]
+        assert 0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 and 0 < r["prototypes_used"] <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    cell = next(c for c in summary if c["method"] == "excb" and c["batch"] == 16)
+    assert cell["seeds"] == 2
+    assert cell["knn_top1"] == pytest.approx(sum(r["knn_top1"] for r in rows
+                                                 if r["method"] == "excb" and r["batch"] == 16) / 2)
+    assert "| ExCB | 16 |" in (out / "table.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0
+    again = _run(*args)
+    assert "0 cells to do" in again.stdout
