@@ -39,7 +39,8 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path: Path) ->
     a = json.loads((whole / "excb-b16-s0" / "result.json").read_text())
     b = json.loads((cell / "result.json").read_text())
     assert a["steps"] == b["steps"] == 2 * (256 // 16) and a["lr"] == 0.3 * 16 / 256
-    for key in ("knn_top1", "linear_top1", "nmi", "prototypes_used", "final_loss", "estimate_max_cluster_share_x_uniform"):
+    for key in ("knn_top1", "linear_top1", "nmi", "prototypes_used", "final_loss",
+                "estimate_max_cluster_share_x_uniform"):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     curve_a = json.loads((whole / "excb-b16-s0" / "curve.json").read_text())
     curve_b = json.loads((cell / "curve.json").read_text())
