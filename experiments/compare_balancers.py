@@ -152,15 +152,20 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
+    """One row per (method, batch): mean ± sample std over its seeds, or the single value where there is one."""
     def cell(r: dict[str, Any], key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         if key not in r:
             return "–"
+        if r["seeds"] == 1:
+            return fmt.format(r[key] * scale)
         return f"{fmt.format(r[key] * scale)} ± {fmt.format(r[key + '_std'] * scale)}"
 
-    lines = ["| method | batch | kNN top-1 % | linear top-1 % | NMI | prototypes used % | entropy | max share ×K |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | batch | seeds | kNN top-1 % | linear top-1 % | NMI | prototypes used % | entropy | "
+             "max share ×K |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
-        lines.append(f"| {LABELS[r['method']]} | {r['batch']} | {cell(r, 'knn_top1')} | {cell(r, 'linear_top1')} | "
+        lines.append(f"| {LABELS[r['method']]} | {r['batch']} | {r['seeds']} | {cell(r, 'knn_top1')} | "
+                     f"{cell(r, 'linear_top1')} | "
                      f"{cell(r, 'nmi', fmt='{:.3f}')} | {cell(r, 'prototypes_used', 100, '{:.1f}')} | "
                      f"{cell(r, 'normalized_entropy', fmt='{:.3f}')} | "
                      f"{cell(r, 'max_cluster_share_x_uniform', fmt='{:.1f}')} |")

@@ -37,7 +37,7 @@ def test_tiny_comparison_writes_runs_table_and_plots(tmp_path: Path) -> None:
     knns = [r["knn_top1"] for r in rows if r["method"] == "excb" and r["batch"] == 16]
     assert abs(cell["knn_top1"] - sum(knns) / 2) < 1e-9
     table = (out / "table.md").read_text()
-    assert "| ExCB | 16 |" in table and "| SwAV Sinkhorn | 16 |" in table
+    assert "| ExCB | 16 | 2 |" in table and "| SwAV Sinkhorn | 16 | 2 |" in table
     assert (out / "accuracy_vs_batch.png").stat().st_size > 0 and (out / "cluster_shares.png").stat().st_size > 0
 
     # a relaunch finds every run done and only redraws the report
