@@ -70,8 +70,8 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.out is None:
-        name = "balancing_overhead" + ("_small_batch" if args.small_batch else "") + f"_{device.type}.json"
-        args.out = str(ROOT / "experiments" / "results" / name.replace("_cuda", "_gpu"))
+        mode, kind = "_small_batch" if args.small_batch else "", "gpu" if device.type == "cuda" else "cpu"
+        args.out = str(ROOT / "experiments" / "results" / f"balancing_overhead{mode}_{kind}.json")
     table = small_batch_settings if args.small_batch else settings
     rows = []
     for name, (spec, steps) in table(device.type == "cpu").items():
@@ -85,8 +85,7 @@ def main() -> int:
     print("| backbone | K | batch | crops | ms/step | balance (B + softmax) ms | estimate ms | share of step |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        backbone = r['setting'].rsplit('-K', 1)[0].rsplit('-b', 1)[0]
-        print(f"| {backbone} | {r['num_prototypes']} | {r['batch']} | {r['crops']} | "
+        print(f"| {r['backbone']} | {r['num_prototypes']} | {r['batch']} | {r['crops']} | "
               f"{r['ms_per_step']:.0f} | {r['phase_ms'].get('balance', 0):.2f} | {r['phase_ms'].get('estimate', 0):.2f} | "
               f"{100 * r['balancing_share']:.2f} % |")
     return 0

@@ -79,7 +79,7 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     total = sum(phases.values())
     out = {"setting": label, "overrides": spec, "config": config, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "batch": b, "precision": cfg.train.precision, "compiled": compile_model,
+           "torch": torch.__version__, "backbone": cfg.model.backbone, "batch": b, "precision": cfg.train.precision, "compiled": compile_model,
            "num_prototypes": cfg.model.num_prototypes, "crops": f"2x{cfg.augment.global_size}+"
            f"{cfg.augment.num_local}x{cfg.augment.local_size}",
            "ms_per_step": 1000 * per_step, "images_per_second": b / per_step, "warmup_seconds": warmup_s,
