@@ -3,6 +3,10 @@ time of each phase of the step, and peak accelerator memory. Each setting is a l
 
     .venv/bin/python experiments/step_profile.py --out results.json [--steps 20] [--compile] [--setting NAME K=V ...]
 
+A setting's overrides may start with ``config=PATH`` (a recipe to apply them to, e.g.
+``--setting fm-b64-bf16 config=experiments/fashion_mnist.yaml train.batch_size=64 train.precision=bf16``), and
+``train.torch_threads`` sets the intra-op threads (0 = torch's default).
+
 Without --setting it runs the built-in settings for the device it finds (GPU: ResNet-50 at 224 px with 2×224 +
 6×96 crops, K = 65,536, bf16, channels_last, at two batch sizes; then the Fashion-MNIST ConvNet; CPU: the
 Fashion-MNIST ConvNet and ResNet-18). Phase times come from synchronised timers (PhaseTimer); images/s is measured
@@ -50,8 +54,12 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     config = None
     if spec[:1] == ["--config"]:
         config, spec = spec[1], spec[2:]
+    elif spec[:1] and spec[0].startswith("config="):
+        config, spec = spec[0].removeprefix("config="), spec[1:]
     compile_flag = ["train.compile=true"] if compile_model else []
     cfg = load_config(ROOT / config if config else None, [*spec, *compile_flag])
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     learner = ExcbLearner(cfg, 2 * steps + 10, device=device)  # views drawn with a CPU generator, as in training
     b, c, s = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
     x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=learner.gen).to(device)
@@ -80,6 +88,7 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     out = {"setting": label, "overrides": spec, "config": config, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "backbone": cfg.model.backbone, "batch": b, "precision": cfg.train.precision, "compiled": compile_model,
+           "torch_threads": torch.get_num_threads(),
            "num_prototypes": cfg.model.num_prototypes, "crops": f"2x{cfg.augment.global_size}+"
            f"{cfg.augment.num_local}x{cfg.augment.local_size}",
            "ms_per_step": 1000 * per_step, "images_per_second": b / per_step, "warmup_seconds": warmup_s,
