@@ -89,12 +89,12 @@ def test_learner_is_seeded_and_resumes_exactly_from_its_state() -> None:
 
 
 def test_precision_auto_is_bf16_only_where_the_device_supports_it() -> None:
-    from excb.method.step import autocast_dtype_for
+    from excb.method.step import autocast_dtype_for, cpu_has_amx_bf16
 
     cpu = torch.device("cpu")
     assert autocast_dtype_for("fp32", cpu) is None
     assert autocast_dtype_for("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype_for("auto", cpu) is None  # CPU: fp32
+    assert autocast_dtype_for("auto", cpu) is (torch.bfloat16 if cpu_has_amx_bf16() else None)  # CPU: AMX only
     if torch.cuda.is_available():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         assert autocast_dtype_for("auto", torch.device("cuda")) is expected
@@ -125,3 +125,14 @@ def test_any_torchvision_classifier_trains_as_the_backbone(backbone: str) -> Non
     assert any(k.startswith("backbone.net.") for k in changed) and any(k.startswith("prototypes.") for k in changed)
     assert any(not torch.equal(v, teacher_before[k]) for k, v in learner.teacher.state_dict().items()
                if k.startswith("backbone.") and k in teacher_before)
+
+
+def test_amx_bf16_is_read_from_the_cpu_flags() -> None:
+    from excb.method.step import cpu_has_amx_bf16
+
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    epyc = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"  # bf16 instructions, no AMX tiles
+    assert cpu_has_amx_bf16(sapphire) and not cpu_has_amx_bf16(epyc)
+    assert not cpu_has_amx_bf16("model name\t: has amx_bf16 in its name\n")  # only the flags line counts
+    with open("/proc/cpuinfo", encoding="utf-8") as f:  # this machine: the answer follows its own flags
+        assert cpu_has_amx_bf16() == (" amx_bf16" in f.read())

@@ -31,12 +31,29 @@ from excb.method.model import (
 from excb.method.schedules import Schedules
 
 
+def cpu_has_amx_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 on AMX tiles (Intel Sapphire Rapids and later: the ``amx_bf16`` flag in
+    ``/proc/cpuinfo``), where oneDNN runs bf16 convolutions and matrix products faster than fp32. False where the
+    flags cannot be read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo.splitlines())
+
+
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device``: bf16, None (fp32), or for ``auto`` bf16 where the
-    device supports it (CUDA with bf16 support) and fp32 elsewhere (CPU autocast is slower than fp32 here)."""
+    device computes it fast — CUDA with bf16 support, or a CPU with AMX-BF16 (the Fashion-MNIST ConvNet step ran
+    1.5–1.9× as fast as in fp32 on one such Xeon core) — and fp32 elsewhere (CPU autocast without AMX was slower
+    than fp32 where it was measured)."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cpu" and cpu_has_amx_bf16():
         return torch.bfloat16
     return None
 
