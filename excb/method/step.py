@@ -47,8 +47,8 @@ def cpu_has_amx_bf16(cpuinfo: str | None = None) -> bool:
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device``: bf16, None (fp32), or for ``auto`` bf16 where the
     device computes it fast — CUDA with bf16 support, or a CPU with AMX-BF16 (the Fashion-MNIST ConvNet step at
-    batch 256 ran 1.4–1.9× as fast as in fp32 on one such Xeon core) — and fp32 elsewhere (CPU autocast without AMX was slower
-    than fp32 where it was measured)."""
+    batch 256 ran 1.4–1.9× as fast as in fp32 on one such Xeon core) — and fp32 elsewhere (CPU autocast without
+    AMX was slower than fp32 where it was measured)."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
