@@ -29,9 +29,14 @@ SLOT = {"excb_slot": 1}  # one training worker per node
 
 
 @pytest.fixture()
-def cluster() -> Iterator[Any]:
-    """A head node (2 CPUs) and one worker node (1 CPU), each with one training slot; fast node-death detection."""
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A head node (2 CPUs) and one worker node (1 CPU), each with one training slot; fast node-death detection.
+    After the node loss Ray Train first tries the full group again and gives up after its worker-group start
+    timeout (60 s by default) before it shrinks. 30 s leaves room for a slow machine to start one TINY worker (it
+    passed here at 20 s); Ray Train reads it from the driver's environment."""
     import ray
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
