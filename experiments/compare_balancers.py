@@ -9,7 +9,7 @@ How it is scaled to fit a 2-core machine (48 runs in well under 3 hours):
   pseudo-epochs of images/epochs images each; all schedules (lr warm-up and cosine, EMA, crop scale, weight
   decay) are compressed to that length, exactly as a full run's are to its length;
 - the model is the shipped Fashion-MNIST recipe (experiments/fashion_mnist.yaml: ConvNet, K=256, 2+4 crops);
-- the learning rate scales linearly with the batch, lr = 0.3·B/256 (the recipe's lr is for 256), with a
+- the learning rate scales linearly with the batch, lr = recipe lr · B / recipe batch (0.3·B/256), with a
   warm-up of 0.3 pseudo-epochs (10 % of the run, as the recipe's 1 of 15 epochs is 7 %); k-means sees 8,192
   images (32 per prototype);
 - runs use the project's own step (``excb.method.step.train_step``) in a plain single-process loop, ``--jobs`` at a
@@ -66,7 +66,7 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
     torch.set_num_threads(1)
     base = load_config(config)
     cfg = load_config(config, [f"method.balancer={method}", f"train.batch_size={batch}", f"train.seed={seed}",
-                               f"train.epochs={epochs}", f"optim.lr={base.optim.lr * batch / 256}",
+                               f"train.epochs={epochs}", f"optim.lr={base.optim.lr * batch / base.train.batch_size}",
                                "optim.warmup_epochs=0.3", "method.kmeans_samples=8192"])
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
