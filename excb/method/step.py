@@ -9,6 +9,7 @@ balanced targets for a baseline's (DINO centering, SwAV Sinkhorn, none; see excb
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -33,15 +34,21 @@ from excb.method.schedules import Schedules
 
 def cpu_has_amx_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 on AMX tiles (Intel Sapphire Rapids and later: the ``amx_bf16`` flag in
-    ``/proc/cpuinfo``), where oneDNN runs bf16 convolutions and matrix products faster than fp32. False where the
-    flags cannot be read (not Linux)."""
+    ``/proc/cpuinfo``, or in ``cpuinfo`` where given), where oneDNN runs bf16 convolutions and matrix products
+    faster than fp32. False where the flags cannot be read (not Linux)."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
+        return _this_cpu_has_amx_bf16()
     return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo.splitlines())
+
+
+@functools.cache
+def _this_cpu_has_amx_bf16() -> bool:
+    """``/proc/cpuinfo`` read once per process: the linear probe asks for its autocast dtype on every batch."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return cpu_has_amx_bf16(f.read())
+    except OSError:
+        return False
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
