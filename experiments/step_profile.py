@@ -34,7 +34,7 @@ RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=2
                 "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",
                 "augment.num_local=6", "model.num_prototypes=65536", "model.projector_hidden=2048",
                 "model.predictor_hidden=2048", "model.projector_out=256", "train.precision=bf16"]
-FASHION = ["--config", "experiments/fashion_mnist.yaml"]
+FASHION = ["config=experiments/fashion_mnist.yaml"]
 GPU_SETTINGS = {
     "resnet50-224-b128-bf16": RESNET50_224 + ["train.batch_size=128"],
     "resnet50-224-b256-bf16": RESNET50_224 + ["train.batch_size=256"],
@@ -52,9 +52,7 @@ CPU_SETTINGS = {
 
 def profile(label: str, spec: list[str], steps: int, device: torch.device, compile_model: bool) -> dict[str, Any]:
     config = None
-    if spec[:1] == ["--config"]:
-        config, spec = spec[1], spec[2:]
-    elif spec[:1] and spec[0].startswith("config="):
+    if spec[:1] and spec[0].startswith("config="):
         config, spec = spec[0].removeprefix("config="), spec[1:]
     compile_flag = ["train.compile=true"] if compile_model else []
     cfg = load_config(ROOT / config if config else None, [*spec, *compile_flag])
@@ -87,8 +85,8 @@ def profile(label: str, spec: list[str], steps: int, device: torch.device, compi
     total = sum(phases.values())
     out = {"setting": label, "overrides": spec, "config": config, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "backbone": cfg.model.backbone, "batch": b, "precision": cfg.train.precision, "compiled": compile_model,
-           "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "backbone": cfg.model.backbone, "batch": b, "precision": cfg.train.precision,
+           "compiled": compile_model, "torch_threads": torch.get_num_threads(),
            "num_prototypes": cfg.model.num_prototypes, "crops": f"2x{cfg.augment.global_size}+"
            f"{cfg.augment.num_local}x{cfg.augment.local_size}",
            "ms_per_step": 1000 * per_step, "images_per_second": b / per_step, "warmup_seconds": warmup_s,
