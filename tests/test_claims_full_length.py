@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # spawns processes
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "claims_full_length.py"
 TINY = ["--epochs", "2", "--train-limit", "256", "--eval-train", "300", "--eval-test", "200"]
@@ -26,6 +24,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # spawns processes
 def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     _run("--one", "excb", "16", "0", "--out", str(whole), *TINY)
@@ -47,6 +46,7 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path: Path) ->
     assert [c["subset_knn_top1"] for c in curve_a] == pytest.approx([c["subset_knn_top1"] for c in curve_b])
 
 
+@pytest.mark.slow  # spawns processes
 def test_grid_runs_missing_cells_then_reports(tmp_path: Path) -> None:
     out = tmp_path / "grid"
     args = ["--out", str(out), "--methods", "excb", "--batches", "16", "32", "--extra-seeds", "1",
@@ -71,3 +71,28 @@ def test_grid_runs_missing_cells_then_reports(tmp_path: Path) -> None:
     assert (out / "curves.png").stat().st_size > 0
     again = _run(*args)
     assert "0 cells to do" in again.stdout
+
+
+def test_cells_keep_the_measured_recipe_when_the_default_recipe_changes(tmp_path: Path) -> None:
+    """The grid's remaining cells must match the finished ones: a default recipe with another batch, lr, length or
+    precision (issue 16) changes nothing in a cell's configuration."""
+    import yaml
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from claims_full_length import GRID_RECIPE_PINS, cell_overrides
+
+    from excb.config import load_config
+
+    recipe = yaml.safe_load((ROOT / "experiments" / "fashion_mnist.yaml").read_text())
+    changed = {**recipe, "train": {**recipe["train"], "batch_size": 32, "epochs": 10, "precision": "bf16"},
+               "optim": {**recipe["optim"], "lr": 0.0375}}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    cells = {}
+    for name in ("fashion_mnist", "changed"):
+        path = ROOT / "experiments" / "fashion_mnist.yaml" if name == "fashion_mnist" else tmp_path / "changed.yaml"
+        base = load_config(path, GRID_RECIPE_PINS)
+        cells[name] = load_config(path, cell_overrides(base.optim.lr, base.train.batch_size, "sinkhorn", 16, 1, None))
+    for cfg in cells.values():
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.precision) == (16, 15, "fp32")
+        assert cfg.optim.lr == pytest.approx(0.3 * 16 / 256) and cfg.method.balancer == "sinkhorn"
+    assert cells["changed"] == cells["fashion_mnist"]
