@@ -34,7 +34,9 @@ RESNET50_224 = ["model.backbone=resnet50", "data.channels=3", "data.image_size=2
                 "data.std=[0.229,0.224,0.225]", "augment.global_size=224", "augment.local_size=96",
                 "augment.num_local=6", "model.num_prototypes=65536", "model.projector_hidden=2048",
                 "model.predictor_hidden=2048", "model.projector_out=256", "train.precision=bf16"]
-FASHION = ["config=experiments/fashion_mnist.yaml"]
+# the settings named "-b256" keep the batch and precision they were first profiled with (the default recipe has
+# since moved to batch 32 and precision auto)
+FASHION = ["config=experiments/fashion_mnist.yaml", "train.batch_size=256", "train.precision=fp32"]
 GPU_SETTINGS = {
     "resnet50-224-b128-bf16": RESNET50_224 + ["train.batch_size=128"],
     "resnet50-224-b256-bf16": RESNET50_224 + ["train.batch_size=256"],

@@ -119,12 +119,16 @@ def test_drop_path_is_stochastic_for_the_student_only() -> None:
 
 def test_quick_start_recipe_differs_from_the_default_only_in_its_schedules() -> None:
     """experiments/fashion_mnist_quick.yaml (the README's first command) keeps the default recipe's network, crops
-    and data — the same work per image — and changes only the length, batch/lr and schedules it documents."""
+    and data and changes only the length, batch/lr, schedules and precision (fp32, as measured) it documents."""
     from dataclasses import asdict
 
     default = asdict(load_config(ROOT / "experiments" / "fashion_mnist.yaml"))
     quick = asdict(load_config(ROOT / "experiments" / "fashion_mnist_quick.yaml"))
     changed = {f"{section}.{key}": (default[section][key], quick[section][key])
                for section in default for key in default[section] if default[section][key] != quick[section][key]}
-    assert changed == {"train.epochs": (15, 3), "train.batch_size": (256, 128), "optim.lr": (0.3, 0.15),
-                       "method.ema_start": (0.996, 0.99), "optim.warmup_epochs": (1.0, 0.3)}
+    assert changed == {"train.epochs": (12, 3), "train.batch_size": (32, 128), "optim.lr": (0.0375, 0.15),
+                       "method.ema_start": (0.996, 0.99), "optim.warmup_epochs": (1.0, 0.3),
+                       "train.precision": ("auto", "fp32")}
+    # both follow lr = 0.3 · B / 256
+    assert default["optim"]["lr"] * 256 / default["train"]["batch_size"] == pytest.approx(0.3)
+    assert quick["optim"]["lr"] * 256 / quick["train"]["batch_size"] == pytest.approx(0.3)
