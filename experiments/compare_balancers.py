@@ -67,7 +67,8 @@ def train_one(out: Path, method: str, batch: int, seed: int, images: int, epochs
     base = load_config(config)
     cfg = load_config(config, [f"method.balancer={method}", f"train.batch_size={batch}", f"train.seed={seed}",
                                f"train.epochs={epochs}", f"optim.lr={base.optim.lr * batch / base.train.batch_size}",
-                               "optim.warmup_epochs=0.3", "method.kmeans_samples=8192"])
+                               "optim.warmup_epochs=0.3", "method.kmeans_samples=8192",
+                               "train.precision=fp32"])  # as measured (the recipe's precision is now auto)
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     train_x = torch.from_numpy(train_x[:, None].copy())
