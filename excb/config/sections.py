@@ -114,7 +114,7 @@ class TrainConfig:
     elastic_resize_interval_s: float = 60.0  # elastic runs: how often Ray Train considers growing the group
     torch_threads: int = 0  # 0 = all cores of the machine
     precision: str = "fp32"  # fp32 | bf16 (autocast for the forward passes; optimiser state stays fp32) | auto
-    #   (bf16 on accelerators that support it, fp32 elsewhere)
+    #   (bf16 on GPUs that support it and on CPUs with AMX-BF16, fp32 elsewhere)
     seed: int = 0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
