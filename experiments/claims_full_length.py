@@ -1,16 +1,16 @@
 """The claims experiment at the full recipe length: ExCB against DINO centering, SwAV Sinkhorn and no balancing on
-Fashion-MNIST, each cell the shipped recipe (experiments/fashion_mnist.yaml, with its schedule and precision pinned to
-what the grid measures: ``GRID_RECIPE_PINS``) for all its epochs over the whole 60k training split, at global batch 16
-and 256.
+Fashion-MNIST, each cell the shipped recipe (experiments/fashion_mnist.yaml, with its lr rule, length and precision
+pinned to what the grid measures: ``GRID_BASE_LR``, ``GRID_BASE_BATCH``, ``GRID_RECIPE_PINS``) for all its epochs over
+the whole 60k training split, at global batch 16 and 256.
 
     .venv/bin/python experiments/claims_full_length.py                # every missing cell (resumable), then the report
     .venv/bin/python experiments/claims_full_length.py --report-only  # table + plots from the finished cells
 
 The cells, in the order they run: seed 0 for every (method, batch), then seeds 1 and 2 at batch 16 (``--batches``,
 ``--seeds``, ``--extra-seeds`` and ``--extra-seeds-batch`` change that). Only ``method.balancer`` differs between
-methods; the learning rate scales linearly with the batch, lr = recipe lr · B / recipe batch (0.3 · B / 256), the
-warm-up, EMA, crop and weight-decay schedules stay in epochs as the recipe gives them, so batch 16 runs 16× the
-optimiser steps of batch 256 on the same images.
+methods; the learning rate scales linearly with the batch, lr = 0.3 · B / 256 (the recipe's rule when the grid
+began), the warm-up, EMA, crop and weight-decay schedules stay in epochs as the recipe gives them, so batch 16 runs 16×
+the optimiser steps of batch 256 on the same images.
 
 Every step is the project's own (``ExcbLearner.step`` → ``excb.method.step.train_step``) in a plain 1-thread loop per
 cell, ``--jobs`` cells at a time (two 1-thread runs use 2 cores better than one 2-thread run at small batches).
@@ -60,15 +60,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 # The recipe as the grid measures it: the shipped Fashion-MNIST recipe of 2026-12-02, when the first cells ran (base
 # batch 256 at lr 0.3, 15 epochs, fp32). Pinned so that a later change of the default recipe's schedule or precision
 # (issue 16) does not make the remaining cells differ from the finished ones; every other key comes from --config.
-GRID_RECIPE_PINS = ["train.batch_size=256", "optim.lr=0.3", "train.epochs=15", "train.precision=fp32"]
+GRID_BASE_BATCH, GRID_BASE_LR = 256, 0.3
+GRID_RECIPE_PINS = ["train.epochs=15", "train.precision=fp32"]
 
 
-def cell_overrides(base_lr: float, base_batch: int, method: str, batch: int, seed: int,
-                   epochs: int | None) -> list[str]:
-    """The only keys a cell changes in the (pinned) recipe: the balancer, the batch, the seed and
-    lr = base_lr · B / base_B."""
+def cell_overrides(method: str, batch: int, seed: int, epochs: int | None) -> list[str]:
+    """The keys a cell sets on the recipe: the pinned length and precision, the balancer, the batch B, the seed and
+    lr = 0.3 · B / 256 (the grid's base lr and batch)."""
     out = [*GRID_RECIPE_PINS, f"method.balancer={method}", f"train.batch_size={batch}", f"train.seed={seed}",
-           f"optim.lr={base_lr * batch / base_batch}"]
+           f"optim.lr={GRID_BASE_LR * batch / GRID_BASE_BATCH}"]
     return out + ([f"train.epochs={epochs}"] if epochs else [])
 
 
@@ -89,8 +89,7 @@ def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, ep
     from excb.method.schedules import steps_per_epoch
 
     torch.set_num_threads(1)
-    base = load_config(config, GRID_RECIPE_PINS)
-    cfg = load_config(config, cell_overrides(base.optim.lr, base.train.batch_size, method, batch, seed, epochs))
+    cfg = load_config(config, cell_overrides(method, batch, seed, epochs))
     cell = out / run_name(method, batch, seed)
     cell.mkdir(parents=True, exist_ok=True)
     train_x, train_y = load_fashion_mnist("train")

@@ -79,7 +79,7 @@ def test_cells_keep_the_measured_recipe_when_the_default_recipe_changes(tmp_path
     import yaml
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from claims_full_length import GRID_RECIPE_PINS, cell_overrides
+    from claims_full_length import cell_overrides
 
     from excb.config import load_config
 
@@ -87,11 +87,9 @@ def test_cells_keep_the_measured_recipe_when_the_default_recipe_changes(tmp_path
     changed = {**recipe, "train": {**recipe["train"], "batch_size": 32, "epochs": 10, "precision": "bf16"},
                "optim": {**recipe["optim"], "lr": 0.0375}}
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    cells = {}
-    for name in ("fashion_mnist", "changed"):
-        path = ROOT / "experiments" / "fashion_mnist.yaml" if name == "fashion_mnist" else tmp_path / "changed.yaml"
-        base = load_config(path, GRID_RECIPE_PINS)
-        cells[name] = load_config(path, cell_overrides(base.optim.lr, base.train.batch_size, "sinkhorn", 16, 1, None))
+    cells = {name: load_config(path, cell_overrides("sinkhorn", 16, 1, None))
+             for name, path in (("fashion_mnist", ROOT / "experiments" / "fashion_mnist.yaml"),
+                                ("changed", tmp_path / "changed.yaml"))}
     for cfg in cells.values():
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.precision) == (16, 15, "fp32")
         assert cfg.optim.lr == pytest.approx(0.3 * 16 / 256) and cfg.method.balancer == "sinkhorn"
