@@ -42,6 +42,25 @@ def test_steps_train_student_teacher_and_estimate() -> None:
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(learner.schedules.lr[3])
 
 
+def test_channels_last_networks_compute_the_same_steps() -> None:
+    """model.channels_last: every 4-D weight of student and teacher is NHWC like the crops (with one input channel
+    an NHWC batch is also NCHW, and NCHW weights kept the whole network NCHW), and the steps compute what the
+    all-NCHW network computes."""
+    small = ["model.backbone=resnet18_small", "train.batch_size=8", "train.precision=fp32"]
+    nhwc, images = _learner(*small)
+    nchw, _ = _learner(*small, "model.channels_last=false")
+    for net in (nhwc.student, nhwc.teacher):
+        weights = [p for p in net.parameters() if p.ndim == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in nchw.student.parameters()
+                   if p.ndim == 4)
+    for i in range(2):
+        a, b = nhwc.step(images[i * 8:(i + 1) * 8]), nchw.step(images[i * 8:(i + 1) * 8])
+        assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-4)
+    for (name, p), q in zip(nhwc.teacher.named_parameters(), nchw.teacher.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_non_finite_loss_stops_with_clear_error() -> None:
     learner, images = _learner()
     with torch.no_grad():

@@ -58,6 +58,19 @@ def test_student_scores_are_cosines_and_prototypes_learn_only_from_global_direct
     assert teacher.predictor is None and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_channels_last_gradients_have_their_weights_strides() -> None:
+    """DDP's gradient buckets take each parameter's strides and expect every gradient in them. With NCHW weights
+    under NHWC crops, ResNet-18's 1×1 downsample convolutions got NHWC gradients ("Grad strides do not match
+    bucket view strides", a copy per step); model.channels_last makes the weights NHWC as well."""
+    student, _ = build_student_teacher(_cfg("model.backbone=resnet18_small", "data.channels=3",
+                                            "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"))
+    crops = [torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)]
+    student(crops, num_global=2).direct[0].sum().backward()
+    downsample = [p for n, p in student.named_parameters() if "downsample.0" in n]
+    assert len(downsample) == 3  # the 1×1 convolutions whose layout is ambiguous
+    assert [n for n, p in student.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []
+
+
 def test_ema_update() -> None:
     student, teacher = build_student_teacher(_cfg())
     with torch.no_grad():

@@ -58,9 +58,7 @@ def _frozen_backbone(checkpoint: str, device: torch.device) -> nn.Module:
     backbone = teacher.backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    if getattr(teacher, "channels_last", False):
-        backbone = backbone.to(memory_format=torch.channels_last)
-    return backbone
+    return backbone  # NHWC weights where model.channels_last (ExcbNetwork sets them)
 
 
 def _average_gradients(heads: nn.Module, world: int) -> None:

@@ -100,9 +100,18 @@ class ExcbNetwork(nn.Module):
         self.prototypes = Prototypes(m.projector_out, m.num_prototypes)
         self.channels_last = m.channels_last
         self.projector_batching = m.projector_batching
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)  # see _features: weights in the layout the inputs come in
 
     def _features(self, crops: list[Tensor]) -> list[Tensor]:
-        """Backbone features [B_i, D] per crop; consecutive crops of equal size go through the backbone together."""
+        """Backbone features [B_i, D] per crop; consecutive crops of equal size go through the backbone together.
+
+        With ``model.channels_last`` the crops go in as NHWC and the network's 4-D weights are NHWC too (set in
+        ``__init__``, kept by ``.to(device)``, ``deepcopy`` and ``load_state_dict``). Weights left NCHW under NHWC
+        inputs cost a layout conversion per convolution and step (the step ran 1.33× longer on the Fashion-MNIST
+        ConvNet on a CPU: experiments/weight_layout_ab.py), and their gradients come back NHWC: 1×1 convolution
+        weights then break the layout contract DDP's gradient buckets rely on ("Grad strides do not match bucket
+        view strides")."""
         feats: list[Tensor] = []
         for i, j in same_size_runs(crops):
             x = torch.cat(crops[i:j])
