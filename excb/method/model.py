@@ -107,11 +107,11 @@ class ExcbNetwork(nn.Module):
         """Backbone features [B_i, D] per crop; consecutive crops of equal size go through the backbone together.
 
         With ``model.channels_last`` the crops go in as NHWC and the network's 4-D weights are NHWC too (set in
-        ``__init__``, kept by ``.to(device)``, ``deepcopy`` and ``load_state_dict``). Weights left NCHW under NHWC
-        inputs cost a layout conversion per convolution and step (the step ran 1.33× longer on the Fashion-MNIST
-        ConvNet on a CPU: experiments/weight_layout_ab.py), and their gradients come back NHWC: 1×1 convolution
-        weights then break the layout contract DDP's gradient buckets rely on ("Grad strides do not match bucket
-        view strides")."""
+        ``__init__``, kept by ``.to(device)``, ``deepcopy`` and ``load_state_dict``). With NCHW weights, a batch
+        of one channel (NHWC and NCHW at once) ran the whole network NCHW: the Fashion-MNIST ConvNet's step took
+        1.45× as long on a CPU (experiments/weight_layout_ab.py); with RGB inputs the 1×1 convolutions got NHWC
+        gradients for NCHW weights, against the layout DDP's gradient buckets expect ("Grad strides do not match
+        bucket view strides")."""
         feats: list[Tensor] = []
         for i, j in same_size_runs(crops):
             x = torch.cat(crops[i:j])
