@@ -12,14 +12,14 @@ share whatever else the machine is doing (this VM's speed drifts by ±15 % over 
 Each setting builds one learner per arm (``ExcbLearner``, the project's training step, synthetic uint8 images,
 ``train.torch_threads=1`` unless given), warms each up for 3 steps, then runs ``--rounds`` rounds of one step per
 arm in a shuffled order, and reports each arm's median step time and its ratio to ``nhwc_crops_nchw_weights``.
-The JSON (rewritten atomically after every setting) also names the CPU/GPU and torch version.
+The JSON (rewritten atomically after every setting) also describes the machine (``benchlib.machine``) and
+torch version.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import machine  # noqa: E402
+
 from excb.config import load_config  # noqa: E402
 from excb.method.learner import ExcbLearner  # noqa: E402
 
@@ -42,17 +44,6 @@ SETTINGS = {
     "resnet18_small-b32-auto": ["model.backbone=resnet18_small"],
 }
 BEFORE = "nhwc_crops_nchw_weights"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def learners(overrides: list[str], device: torch.device) -> dict[str, ExcbLearner]:
@@ -70,11 +61,10 @@ def learners(overrides: list[str], device: torch.device) -> dict[str, ExcbLearne
 def measure(label: str, overrides: list[str], rounds: int, device: torch.device, rng: random.Random) -> dict[str, Any]:
     if not any(o.startswith("train.torch_threads=") for o in overrides):
         overrides = [*overrides, "train.torch_threads=1"]
-    threads = int(next(o for o in overrides if o.startswith("train.torch_threads=")).split("=", 1)[1])
-    if threads:
-        torch.set_num_threads(threads)
     arms = learners(overrides, device)
     cfg = arms["nhwc"].cfg
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     b, c, s = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
     x = torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8).to(device)
 
@@ -114,7 +104,7 @@ def main() -> int:
     settings = {s[0]: s[1:] for s in args.setting} if args.setting else SETTINGS
     rng = random.Random(args.seed)
     out: dict[str, Any] = {"command": " ".join(["experiments/weight_layout_ab.py", *sys.argv[1:]]),
-                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                           "device": machine(),
                            "torch": torch.__version__, "results": []}
     for label, overrides in settings.items():
         r = measure(label, overrides, args.rounds, device, rng)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))  # the script imports benchlib from beside it
 _spec = importlib.util.spec_from_file_location("weight_layout_ab", ROOT / "experiments" / "weight_layout_ab.py")
 ab = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ab)
