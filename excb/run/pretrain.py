@@ -114,7 +114,7 @@ def training_dataset(cfg: ExcbConfig) -> DecodedSplit:
                              limit=limit, fmt=d.format, materialize=False, rows=rows, shuffle_seed=cfg.train.seed,
                              fit=fit)
     decoded = decoded_split(d.path, "train", image_size=d.image_size, channels=d.channels,
-                            strict=d.strict_decode, limit=limit, fmt=d.format, fit=fit)
+                            strict=d.strict_decode, limit=limit, fmt=d.format, fit=fit, rows=rows)
     if decoded.corrupt:
         console.info(f"skipped {decoded.corrupt} corrupt images (first ids: {decoded.corrupt_ids})")
     return dataclasses.replace(decoded, dataset=decoded.dataset.randomize_block_order())
