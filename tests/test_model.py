@@ -198,3 +198,19 @@ def test_torchvision_backbones_that_cannot_work_are_refused() -> None:
     net.eval()
     with torch.no_grad():
         assert net(torch.randn(2, 1, 32, 32)).shape == (2, 512)
+
+
+def test_building_the_convnet_imports_no_torchvision() -> None:
+    """Evaluation processes (feature actors, ``excb evaluate``) import the worker and evaluation modules and build
+    a model without an optimizer; torchvision (and the ``torch._dynamo`` it pulls in, 1.3–2 s per process on 2
+    cores) is imported only by the builders of backbones that use it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, excb.run.worker, excb.evaluation.evaluate; from excb.method.backbones import build_backbone;"
+            " build_backbone('convnet', 1); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'"
+            " or m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code_vit = "import sys; from excb.method.backbones import build_backbone; build_backbone('vit_s16', 3, image_size=32)"
+    subprocess.run([sys.executable, "-c", code_vit], check=True)  # and the ViT builder still finds it

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from excb.config import ExcbConfig
-from excb.method.backbones import build_backbone, set_drop_path
+from excb.method.backbones import build_backbone
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -147,7 +147,9 @@ def build_student_teacher(cfg: ExcbConfig) -> tuple[ExcbNetwork, ExcbNetwork]:
     student = ExcbNetwork(cfg)
     teacher = copy.deepcopy(student)
     teacher.predictor = None
-    if cfg.model.drop_path > 0:
+    if cfg.model.drop_path > 0:  # a ViT (build_backbone refuses drop_path for the others)
+        from excb.method.vit import set_drop_path
+
         set_drop_path(teacher.backbone, 0.0)  # stochastic depth is for the student only
     for p in teacher.parameters():
         p.requires_grad_(False)
