@@ -109,10 +109,9 @@ def decoded_split(
     """Read, decode once and materialize a split for reuse across epochs (or, with ``materialize=False``,
     return the lazy read + decode pipeline that runs again on every pass).
 
-    Materialised, the data is read and decoded in one Ray Data execution (each execution has a fixed start-up
-    cost of about 2 s on a 2-core machine, more than decoding a small split takes); ``corrupt`` = ``rows`` read
-    (:func:`count_split_rows`, or the ``rows`` given) minus rows kept, and only when that is positive does a second
-    pass find the corrupt rows' ids.
+    Materialised, the data is read and decoded in one Ray Data execution and held once in the object store (no
+    second copy without a bookkeeping column); ``corrupt`` = ``rows`` read (:func:`count_split_rows`, or the
+    ``rows`` given) minus rows kept, and only when that is positive does a second pass find the corrupt rows' ids.
 
     Rows whose image does not decode are dropped (or, with ``strict=True``,
     :class:`~excb.data.errors.CorruptImageError` naming the row id is raised,
