@@ -1,4 +1,5 @@
-"""End to end through Ray: prepare → pretrain (Ray Data → Ray Train) → evaluate → report, resume, NaN stop."""
+"""End to end through Ray: prepare → pretrain (Ray Data → Ray Train) → evaluate (API and CLI) → report, resume,
+NaN stop."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWa
 
 def _cfg(shards: str, *extra: str):
     return load_config(None, [*TINY, f"data.path={shards}", *extra])
+
+
+def _printed_json(out: str) -> dict:
+    """The last indented JSON object printed (``{`` and ``}`` on lines of their own), among Ray's log lines."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:lines.index("}", start) + 1]))
 
 
 def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_path: Path,
@@ -57,6 +65,11 @@ def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_pa
     state = read_state_dir(ckpts[-1])
     assert state["epoch"] == 2 and state["step"] == 10 and "sizes" in state["balancer"]
     assert evaluate_run(str(run_dir))["knn_top1"] == pytest.approx(on_disk["knn_top1"])
+    capfd.readouterr()
+    assert cli_main(["evaluate", str(run_dir)]) == 0  # the command: the same evaluation, printed as JSON
+    printed = _printed_json(capfd.readouterr().out)
+    assert printed["epochs"] == 2 and "nmi" in printed
+    assert printed["knn_top1"] == pytest.approx(on_disk["knn_top1"]) == read_summary(str(run_dir))["knn_top1"]
     pngs = plot_run(str(run_dir))
     assert {Path(p).name for p in pngs} == {"loss.png", "knn.png", "clusters.png"}
     assert all(Path(p).stat().st_size > 1000 for p in pngs)
@@ -114,13 +127,3 @@ def test_cli_missing_dataset_says_how_to_get_it(capsys: pytest.CaptureFixture[st
                      f"data.path={tmp_path / 'nowhere'}"])
     assert code == 2
     assert "excb prepare" in capsys.readouterr().err
-
-
-def test_cli_evaluate_prints_json(ray_session: None, shards: str, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
-    run_pretraining(_cfg(shards, "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="e")
-    capsys.readouterr()
-    assert cli_main(["evaluate", str(tmp_path / "e")]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["epochs"] == 1 and "knn_top1" in out and "nmi" in out
-    assert read_summary(str(tmp_path / "e"))["knn_top1"] == out["knn_top1"]
