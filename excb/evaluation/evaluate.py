@@ -40,10 +40,7 @@ def extract_features(net: ExcbNetwork, augment: MultiCropAugment, images: Tensor
     feats, assign = [], []
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = augment.plain(images[i:i + batch_size].to(device))
-            if net.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            f = net.backbone(x)
+            f = net.backbone_features(augment.plain(images[i:i + batch_size].to(device)))
             z = net.prototypes(net.projector(f))
             feats.append(f.float().cpu())
             assign.append(z.argmax(dim=1).cpu())

@@ -114,11 +114,15 @@ class ExcbNetwork(nn.Module):
         bucket view strides")."""
         feats: list[Tensor] = []
         for i, j in same_size_runs(crops):
-            x = torch.cat(crops[i:j])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats.extend(self.backbone(x).chunk(j - i))
+            feats.extend(self.backbone_features(torch.cat(crops[i:j])).chunk(j - i))
         return feats
+
+    def backbone_features(self, x: Tensor) -> Tensor:
+        """Backbone features [B, D] of one batch [B, C, H, W], made NHWC first with ``model.channels_last`` (the
+        layout of the weights, see :meth:`_features`): training and evaluation feed the backbone the same way."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def project(self, crops: list[Tensor]) -> list[Tensor]:
         """Raw projector outputs per crop.
