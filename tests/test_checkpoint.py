@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from excb.rundir.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
+    finished_checkpoint,
     list_checkpoints,
     load_latest,
     read_state_dir,
@@ -82,3 +84,32 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     (d / "state.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
     with pytest.raises(CheckpointError, match="fails to load"):
         read_state_dir(str(d))
+
+
+def test_finished_checkpoint_is_the_one_a_relaunch_resumes_from_when_it_ends_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert finished_checkpoint(str(run), 1) is None  # no run yet
+    _write(run, 1)
+    two = _write(run, 2)
+    assert finished_checkpoint(str(run), 2) == str(two)
+    assert finished_checkpoint(str(run), 1) == str(two)  # fewer epochs asked for: still nothing to train
+    assert finished_checkpoint(str(run), 3) is None  # a longer run: epoch 3 to train
+    mid = run / checkpoint_dir_name(2, images=640)  # a checkpoint inside epoch 3 is newer
+    write_state_dir({"epoch": 2, "step": 25, "epoch_images": 640}, str(mid))
+    assert finished_checkpoint(str(run), 2) is None
+    mid_meta = (mid / "state.json").read_bytes()
+    (mid / "state.json").unlink()  # unreadable: skipped, as load_latest skips it
+    assert finished_checkpoint(str(run), 2) == str(two)
+    (mid / "state.json").write_bytes(mid_meta)
+    (mid / "state.pt").write_bytes(b"x")
+    assert finished_checkpoint(str(run), 2) is None  # says there is more to train: not read, the workers decide
+    shutil.rmtree(mid)
+    three = _write(run, 3)
+    (three / "state.pt").write_bytes(b"x")
+    assert finished_checkpoint(str(run), 2) == str(two)  # ends the run but fails its checksum: the one before
+    shutil.rmtree(three)
+    data = (two / "state.pt").read_bytes()
+    (two / "state.pt").write_bytes(data[:-10])
+    assert finished_checkpoint(str(run), 2) is None  # the relaunch resumes from epoch 1 and trains epoch 2 again
+    assert finished_checkpoint(str(run), 1) == str(run / checkpoint_dir_name(1))
+

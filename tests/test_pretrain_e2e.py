@@ -84,9 +84,11 @@ def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, 
     assert [r["epoch"] for r in second] == [1, 2]
     assert second[0] == first[0]  # epoch 1 was not trained again
     assert second[1]["step"] == 10
-    # a finished run relaunched trains nothing more
-    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    # a finished run relaunched trains nothing more, and starts no worker group to find that out
+    again = run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
+                            name="r")
     assert read_metrics(str(tmp_path / "r")) == second
+    assert again["fit_seconds"] == 0.0 and again["epochs"] == 2
     # checkpoints are staged locally and the staged copies removed once persisted: nothing is left behind
     staging = Path(staging_root(join(absolute(str(tmp_path)), "r")))
     assert not staging.exists() or list(staging.iterdir()) == []
@@ -96,7 +98,9 @@ def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, 
     state_file.write_bytes(state_file.read_bytes()[:-100])
     (staging / "epoch-killed").mkdir(parents=True)
     (staging / "epoch-killed" / "state.pt").write_bytes(b"x" * 1000)
-    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    redone = run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
+                             name="r")
+    assert redone["fit_seconds"] > 0
     assert not staging.exists() or list(staging.iterdir()) == []
     third = read_metrics(str(tmp_path / "r"))
     assert [r["epoch"] for r in third] == [1, 2] and third[0] == first[0] and third[1]["step"] == 10

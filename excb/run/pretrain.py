@@ -24,7 +24,7 @@ from excb.method.step import NonFiniteLossError
 from excb.run.scaling import check_kmeans_init_feasible, plan_for
 from excb.run.startup import start_driver, train_logging_config
 from excb.run.worker import train_worker
-from excb.rundir.checkpoint import list_checkpoints
+from excb.rundir.checkpoint import finished_checkpoint, list_checkpoints
 from excb.rundir.runfiles import CONFIG_FILE, read_metrics, write_summary
 from excb.storage import (
     absolute,
@@ -159,7 +159,9 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
 
 def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fashion_mnist",
                     num_cpus: int | None = None) -> dict[str, Any]:
-    """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json."""
+    """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json. A run whose
+    checkpoint already ends its last epoch (:func:`~excb.rundir.checkpoint.finished_checkpoint`) starts no worker
+    group: it is evaluated and summarised again (``fit_seconds`` 0)."""
     t0 = time.time()
     storage_path = absolute(storage_path)
     cfg = start_driver(cfg, storage_path=storage_path, num_cpus=num_cpus)
@@ -172,8 +174,12 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
         console.info(f"elastic: {cfg.train.min_workers}-{cfg.train.max_workers} workers, per-worker batch "
               f"{cfg.train.per_worker_batch}, lr scaled by workers/{cfg.train.max_workers}")
     t_fit = time.time()
+    finished = finished_checkpoint(run_dir, cfg.train.epochs)
     try:
-        trainer.fit()
+        if finished is None:
+            trainer.fit()
+        else:  # a relaunch of a finished run: no worker group to start for nothing
+            console.info(f"nothing to train: {finished} ends epoch {cfg.train.epochs} or later")
     except Exception as e:  # Ray wraps worker errors; turn a NaN loss into a clear message
         good = list_checkpoints(run_dir)
         last = good[-1] if good else "none (no epoch finished)"
@@ -186,7 +192,7 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
             raise TrainingError(f"training stopped: {unreachable}; last good checkpoint: {last} (run the same "
                                 "command again to resume once the storage answers)") from e
         raise TrainingError(f"training failed: {e}; last good checkpoint: {last}") from e
-    fit_seconds = time.time() - t_fit
+    fit_seconds = time.time() - t_fit if finished is None else 0.0
     summary: dict[str, Any] = {}
     if cfg.eval.final_eval:
         console.info("final evaluation (kNN on all train → test images) ...")

@@ -120,3 +120,29 @@ def load_latest(directories: list[str], map_location: str | torch.device = "cpu"
             log.warning("skipping checkpoint: %s", e)
             errors.append(str(e))
     raise CheckpointError("no usable checkpoint" + (": " + "; ".join(errors) if errors else ""))
+
+
+def finished_checkpoint(run_dir: str, epochs: int) -> str | None:
+    """The checkpoint a relaunch would resume from, when it leaves nothing to train: the newest one that verifies
+    and loads (as :func:`load_latest` picks it), provided it ends epoch ``epochs`` or a later one.
+
+    ``None`` — start the worker group and let it decide — when there is no checkpoint, or when the newest one whose
+    ``state.json`` reads says there is more to train (verified or not: only states that would end the run are read
+    and verified here, so a relaunch of an unfinished run reads no state on the driver). A directory is returned only
+    when it is exactly the one :func:`load_latest` would pick."""
+    for directory in reversed(list_checkpoints(run_dir)):
+        fs, path = resolve_fs(directory)
+        try:
+            with fs.open_input_file(posixpath.join(path, META_FILE)) as f:
+                meta = json.loads(f.read())
+        except (OSError, FileNotFoundError, json.JSONDecodeError):
+            continue  # unreadable: load_latest skips it too
+        if int(meta.get("epoch", 0)) < epochs or int(meta.get("epoch_images", 0)):
+            return None
+        try:
+            read_state_dir(directory)
+        except CheckpointError:
+            continue
+        return directory
+    return None
+
