@@ -145,4 +145,3 @@ def finished_checkpoint(run_dir: str, epochs: int) -> str | None:
             continue
         return directory
     return None
-
