@@ -112,4 +112,3 @@ def test_finished_checkpoint_is_the_one_a_relaunch_resumes_from_when_it_ends_the
     (two / "state.pt").write_bytes(data[:-10])
     assert finished_checkpoint(str(run), 2) is None  # the relaunch resumes from epoch 1 and trains epoch 2 again
     assert finished_checkpoint(str(run), 1) == str(run / checkpoint_dir_name(1))
-

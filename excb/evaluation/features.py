@@ -356,13 +356,12 @@ def _summarise(folder: str) -> tuple[list[str], int, int, int]:
 
 
 def _checkpoint_sha256(checkpoint_dir: str) -> str:
-    from excb.rundir.checkpoint import META_FILE, CheckpointError
-    from excb.storage import join, read_text
+    from excb.rundir.checkpoint import CheckpointError, read_meta
 
-    try:
-        return str(json.loads(read_text(join(checkpoint_dir, META_FILE)))["sha256"])
-    except (OSError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is unreadable: {e}") from e
+    meta = read_meta(checkpoint_dir)
+    if "sha256" not in meta:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is unreadable: its state.json has no sha256")
+    return str(meta["sha256"])
 
 
 def extract_split_features(run_dir: str, checkpoint_dir: str, split: str, *, data_path: str | None = None,
