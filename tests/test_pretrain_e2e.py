@@ -4,6 +4,7 @@ NaN stop."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,19 +77,31 @@ def test_prepare_pretrain_evaluate_report(ray_session: None, shards: str, tmp_pa
 
 
 def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, tmp_path: Path) -> None:
-    run_pretraining(_cfg(shards, "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    data = tmp_path / "fm"
+    shutil.copytree(shards, data)
+    run_pretraining(_cfg(str(data), "train.epochs=1", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
     first = read_metrics(str(tmp_path / "r"))
     assert len(first) == 1
-    run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path), name="r")
+    finished = run_pretraining(_cfg(str(data), "train.epochs=2", "eval.final_eval=false"),
+                               storage_path=str(tmp_path), name="r")
     second = read_metrics(str(tmp_path / "r"))
     assert [r["epoch"] for r in second] == [1, 2]
     assert second[0] == first[0]  # epoch 1 was not trained again
     assert second[1]["step"] == 10
-    # a finished run relaunched trains nothing more, and starts no worker group to find that out
-    again = run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
+    # a finished run relaunched trains nothing more, and starts no worker group to find that out; nor does it read
+    # an image (the data counts come from its summary): it succeeds with every training shard unreadable
+    train_shards = sorted((data / "train").glob("*.parquet"))
+    assert train_shards
+    for shard in train_shards:
+        shard.write_bytes(b"not parquet")
+    again = run_pretraining(_cfg(str(data), "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
                             name="r")
     assert read_metrics(str(tmp_path / "r")) == second
     assert again["fit_seconds"] == 0.0 and again["epochs"] == 2
+    assert (again["train_rows"], again["corrupt_images"]) == (finished["train_rows"], finished["corrupt_images"]) == (
+        320, 0)
+    shutil.rmtree(data)
+    shutil.copytree(shards, data)
     # checkpoints are staged locally and the staged copies removed once persisted: nothing is left behind
     staging = Path(staging_root(join(absolute(str(tmp_path)), "r")))
     assert not staging.exists() or list(staging.iterdir()) == []
@@ -98,7 +111,7 @@ def test_relaunch_resumes_instead_of_restarting(ray_session: None, shards: str, 
     state_file.write_bytes(state_file.read_bytes()[:-100])
     (staging / "epoch-killed").mkdir(parents=True)
     (staging / "epoch-killed" / "state.pt").write_bytes(b"x" * 1000)
-    redone = run_pretraining(_cfg(shards, "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
+    redone = run_pretraining(_cfg(str(data), "train.epochs=2", "eval.final_eval=false"), storage_path=str(tmp_path),
                              name="r")
     assert redone["fit_seconds"] > 0
     assert not staging.exists() or list(staging.iterdir()) == []

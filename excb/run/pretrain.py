@@ -25,7 +25,7 @@ from excb.run.scaling import check_kmeans_init_feasible, plan_for
 from excb.run.startup import start_driver, train_logging_config
 from excb.run.worker import train_worker
 from excb.rundir.checkpoint import finished_checkpoint, list_checkpoints
-from excb.rundir.runfiles import CONFIG_FILE, read_metrics, write_summary
+from excb.rundir.runfiles import CONFIG_FILE, read_metrics, read_summary, write_summary
 from excb.storage import (
     absolute,
     join,
@@ -157,16 +157,35 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
     return trainer, info
 
 
+def _data_info_of_finished_run(cfg: ExcbConfig, run_dir: str) -> dict[str, Any] | None:
+    """The data counts a finished run's summary needs, taken from its previous ``summary.json`` so that relaunching
+    it reads and decodes no images (steps per epoch = :func:`~excb.run.scaling.plan_for` of the recorded rows).
+    ``None`` when there is no readable summary with ``train_rows``: the caller builds the dataset as for a new run."""
+    try:
+        previous = read_summary(run_dir)
+        rows = int(previous["train_rows"])
+        corrupt = int(previous.get("corrupt_images", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"train_rows": rows, "corrupt_images": corrupt, "run_dir": run_dir,
+            "steps_per_epoch": plan_for(cfg, cfg.train.max_workers, rows).steps_per_epoch}
+
+
 def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fashion_mnist",
                     num_cpus: int | None = None) -> dict[str, Any]:
     """Prepare data if needed, train (or resume) through Ray Train, evaluate, write summary.json. A run whose
     checkpoint already ends its last epoch (:func:`~excb.rundir.checkpoint.finished_checkpoint`) starts no worker
-    group: it is evaluated and summarised again (``fit_seconds`` 0)."""
+    group and, when its previous summary gives the data counts, reads no training images: it is evaluated and
+    summarised again (``fit_seconds`` 0)."""
     t0 = time.time()
     storage_path = absolute(storage_path)
     cfg = start_driver(cfg, storage_path=storage_path, num_cpus=num_cpus)
-    trainer, info = build_trainer(cfg, storage_path, name)
-    run_dir = info["run_dir"]
+    run_dir = join(storage_path, name)
+    finished = finished_checkpoint(run_dir, cfg.train.epochs)
+    info = _data_info_of_finished_run(cfg, run_dir) if finished is not None else None
+    trainer = None
+    if info is None:
+        trainer, info = build_trainer(cfg, storage_path, name)
     write_text(join(run_dir, CONFIG_FILE), dump_yaml(cfg))
     console.info(f"run {run_dir}: {info['train_rows']} images, {info['steps_per_epoch']} steps/epoch, "
           f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)")
@@ -174,9 +193,9 @@ def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fa
         console.info(f"elastic: {cfg.train.min_workers}-{cfg.train.max_workers} workers, per-worker batch "
               f"{cfg.train.per_worker_batch}, lr scaled by workers/{cfg.train.max_workers}")
     t_fit = time.time()
-    finished = finished_checkpoint(run_dir, cfg.train.epochs)
     try:
         if finished is None:
+            assert trainer is not None  # only a finished run takes its data counts from its summary
             trainer.fit()
         else:  # a relaunch of a finished run: no worker group to start for nothing
             console.info(f"nothing to train: {finished} ends epoch {cfg.train.epochs} or later")
