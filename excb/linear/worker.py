@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from excb import console
 from excb.config import from_dict
@@ -31,6 +31,7 @@ from excb.evaluation.features import load_teacher
 from excb.linear.config import LinearConfig, linear_from_dict
 from excb.linear.heads import LinearHeads, cosine_factor, set_lrs, topk_correct
 from excb.linear.views import eval_view, train_view
+from excb.method.model import ExcbNetwork
 from excb.method.step import autocast_dtype_for
 from excb.run.worker import report_checkpoint
 from excb.rundir.checkpoint import (
@@ -51,14 +52,16 @@ def _autocast(lc: LinearConfig, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _frozen_backbone(checkpoint: str, device: torch.device) -> nn.Module:
-    """The teacher backbone of the pretraining checkpoint, in eval mode, without gradients."""
+def _frozen_teacher(checkpoint: str, device: torch.device) -> ExcbNetwork:
+    """The teacher of the pretraining checkpoint, in eval mode, without gradients; the heads read
+    :meth:`~excb.method.model.ExcbNetwork.backbone_features`, the backbone fed as in pretraining (NHWC inputs where
+    ``model.channels_last``, the weights' layout)."""
     state = read_state_dir(checkpoint)
     teacher, _ = load_teacher(state, checkpoint)
-    backbone = teacher.backbone.to(device).eval()
-    for p in backbone.parameters():
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
         p.requires_grad_(False)
-    return backbone  # NHWC weights where model.channels_last (ExcbNetwork sets them)
+    return teacher
 
 
 def _average_gradients(heads: nn.Module, world: int) -> None:
@@ -88,9 +91,10 @@ def _batches(shard: Any, batch_size: int, steps: int, seed: int) -> Iterator[dic
 
 
 @torch.no_grad()
-def evaluate_heads(shard: Any, backbone: nn.Module, heads: LinearHeads, lc: LinearConfig, mean: list[float],
-                   std: list[float], device: torch.device, rank: int, world: int) -> dict[str, Any]:
-    """Top-1 / top-5 (percent) of every head on the validation split, each row scored on one rank only."""
+def evaluate_heads(shard: Any, features: Callable[[Tensor], Tensor], heads: LinearHeads, lc: LinearConfig,
+                   mean: list[float], std: list[float], device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """Top-1 / top-5 (percent) of every head on the validation split (``features``: image batch → backbone
+    features), each row scored on one rank only."""
     heads.eval()
     n_heads = len(heads.lrs)
     top1 = torch.zeros(n_heads, dtype=torch.float64, device=device)
@@ -103,7 +107,7 @@ def evaluate_heads(shard: Any, backbone: nn.Module, heads: LinearHeads, lc: Line
         images = torch.from_numpy(batch["image"][mine]).to(device)
         labels = torch.from_numpy(np.asarray(batch["label"])[mine].astype(np.int64)).to(device)
         with _autocast(lc, device):
-            feats = backbone(eval_view(images, lc, mean, std))
+            feats = features(eval_view(images, lc, mean, std))
         c1, c5 = topk_correct(heads(feats.float()), labels)
         top1 += c1
         top5 += c5
@@ -132,8 +136,9 @@ def linear_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(lc.torch_threads or os.cpu_count() or 1)
     device = ray.train.torch.get_device()
-    backbone = _frozen_backbone(config["checkpoint"], device)
-    heads = LinearHeads(int(backbone.out_dim), int(config["num_classes"]), lc.head_lrs(), seed=lc.seed).to(device)
+    teacher = _frozen_teacher(config["checkpoint"], device)
+    heads = LinearHeads(int(teacher.backbone.out_dim), int(config["num_classes"]), lc.head_lrs(),
+                        seed=lc.seed).to(device)
     optimizer = heads.optimizer(lc.momentum, lc.weight_decay)
     if rank == 0:
         clear_staging(out_dir)
@@ -163,7 +168,7 @@ def linear_worker(config: dict[str, Any]) -> None:
             valid_hw = torch.from_numpy(batch["valid_hw"]) if "valid_hw" in batch else None
             labels = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64)).to(device)
             with torch.no_grad(), _autocast(lc, device):
-                feats = backbone(train_view(images, valid_hw, lc, mean, std, gen))
+                feats = teacher.backbone_features(train_view(images, valid_hw, lc, mean, std, gen))
             loss = heads.loss(heads(feats.float()), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,7 +186,7 @@ def linear_worker(config: dict[str, Any]) -> None:
                                "data_wait_fraction": waited / seconds if seconds else 0.0}
         last = epoch + 1 == lc.epochs
         if last or (lc.eval_every_epochs and (epoch + 1) % lc.eval_every_epochs == 0):
-            row.update(evaluate_heads(val_shard, backbone, heads, lc, mean, std, device, rank, world))
+            row.update(evaluate_heads(val_shard, teacher.backbone_features, heads, lc, mean, std, device, rank, world))
         history.append(row)
         state = None
         if rank == 0:
