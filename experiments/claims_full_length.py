@@ -74,10 +74,13 @@ def cell_overrides(method: str, batch: int, seed: int, epochs: int | None) -> li
 
 def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, epochs: int | None = None,
                train_limit: int = 0, eval_train: int = 0, eval_test: int = 0,
-               stop_after_epoch: int = 0) -> dict[str, Any] | None:
+               stop_after_epoch: int = 0, device: str = "cpu") -> dict[str, Any] | None:
     """Train one (method, batch, seed) cell to the end of the recipe, resuming from CELL/state.pt when present, then
     evaluate its teacher; writes CELL/curve.json every epoch and CELL/result.json at the end. ``stop_after_epoch``
-    leaves after saving that epoch's state (an interrupted sitting, for tests) and returns None."""
+    leaves after saving that epoch's state (an interrupted sitting, for tests) and returns None. ``device``: where
+    the learner and the images live (``cuda`` on a GPU machine; the view and permutation generators stay on the CPU,
+    so the same seed draws the same crops and batches on either; a state saved on one device resumes on the
+    other)."""
     import numpy as np
     import torch
 
@@ -89,6 +92,7 @@ def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, ep
     from excb.method.schedules import steps_per_epoch
 
     torch.set_num_threads(1)
+    dev = torch.device(device)
     cfg = load_config(config, cell_overrides(method, batch, seed, epochs))
     cell = out / run_name(method, batch, seed)
     cell.mkdir(parents=True, exist_ok=True)
@@ -96,19 +100,21 @@ def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, ep
     test_x, test_y = load_fashion_mnist("test")
     if train_limit:
         train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    train_x = torch.from_numpy(train_x[:, None].copy())
-    test_x = torch.from_numpy(test_x[:, None].copy())
+    train_x = torch.from_numpy(train_x[:, None].copy()).to(dev)
+    test_x = torch.from_numpy(test_x[:, None].copy()).to(dev)
     sub_tr, sub_te = min(cfg.eval.epoch_knn_train, len(train_x)), min(cfg.eval.epoch_knn_test, len(test_x))
     spe = steps_per_epoch(len(train_x), batch)
-    learner = ExcbLearner(cfg, spe)
+    learner = ExcbLearner(cfg, spe, device=dev)
     state_path = cell / "state.pt"
     curve: list[dict[str, Any]] = []
     train_seconds, start_epoch = 0.0, 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         learner.load_state_dict(state["learner"])
         learner.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
         curve, train_seconds, start_epoch = json.loads(state["curve"]), float(state["train_seconds"]), state["epoch"]
         print(f"[cell] {cell.name}: resuming after epoch {start_epoch}", flush=True)
     else:
@@ -135,7 +141,8 @@ def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, ep
         _atomic_write(cell / "curve.json", json.dumps(curve, indent=1))
         _atomic_save({"learner": learner.state_dict(), "gen": learner.gen.get_state(),
                       "torch_rng": torch.get_rng_state(), "curve": json.dumps(curve),
-                      "train_seconds": train_seconds, "epoch": epoch + 1}, state_path)
+                      "train_seconds": train_seconds, "epoch": epoch + 1,
+                      **({"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}, state_path)
         if stop_after_epoch and epoch + 1 == stop_after_epoch:
             return None
     t0 = time.time()
@@ -146,7 +153,8 @@ def train_cell(out: Path, method: str, batch: int, seed: int, config: str, *, ep
     row: dict[str, Any] = {
         "method": method, "batch": batch, "seed": seed, "epochs": cfg.train.epochs, "steps": learner.global_step,
         "images_seen": learner.global_step * batch, "lr": cfg.optim.lr, "train_seconds": train_seconds,
-        "eval_seconds": time.time() - t0, "eval_train": n_tr, "eval_test": n_te, "final_loss": curve[-1]["loss"],
+        "eval_seconds": time.time() - t0, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "eval_train": n_tr, "eval_test": n_te, "final_loss": curve[-1]["loss"],
         **ev, **estimate_stats(learner.balancer.sizes),
     }
     _atomic_save(learner.teacher.state_dict(), cell / "teacher.pt")
@@ -175,7 +183,8 @@ def launch_all(args: argparse.Namespace) -> None:
             m, b, s = cells.pop(0)
             cmd = [sys.executable, __file__, "--one", m, str(b), str(s), "--out", str(args.out), "--config",
                    args.config, "--train-limit", str(args.train_limit), "--eval-train", str(args.eval_train),
-                   "--eval-test", str(args.eval_test)] + (["--epochs", str(args.epochs)] if args.epochs else [])
+                   "--eval-test", str(args.eval_test), "--device", args.device]
+            cmd += ["--epochs", str(args.epochs)] if args.epochs else []
             log = open(args.out / f"{run_name(m, b, s)}.log", "a")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                             run_name(m, b, s), time.time()))
@@ -246,6 +255,7 @@ def main() -> None:
     ap.add_argument("--extra-seeds", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--extra-seeds-batch", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=2, help="cells at a time (one thread each)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (--jobs cells share the GPU)")
     ap.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs (0: the recipe's; tests)")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images only (0: all; tests)")
     ap.add_argument("--eval-train", type=int, default=0, help="train images of the final kNN/probe (0: all)")
@@ -259,7 +269,7 @@ def main() -> None:
         m, b, s = args.one
         row = train_cell(args.out, m, int(b), int(s), args.config, epochs=args.epochs or None,
                          train_limit=args.train_limit, eval_train=args.eval_train, eval_test=args.eval_test,
-                         stop_after_epoch=args.stop_after_epoch)
+                         stop_after_epoch=args.stop_after_epoch, device=args.device)
         print(json.dumps(row, default=float) if row else f"[cell] stopped after epoch {args.stop_after_epoch}")
         return
     if not args.report_only:

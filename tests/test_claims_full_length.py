@@ -57,7 +57,7 @@ def test_grid_runs_missing_cells_then_reports(tmp_path: Path) -> None:
     assert {(r["method"], r["batch"], r["seed"]) for r in rows} == {("excb", 16, 0), ("excb", 32, 0), ("excb", 16, 1)}
     for r in rows:
         assert r["lr"] == pytest.approx(0.3 * r["batch"] / 256)  # the recipe's lr, scaled linearly with the batch
-        assert r["epochs"] == 2 and r["images_seen"] == r["steps"] * r["batch"]
+        assert r["epochs"] == 2 and r["images_seen"] == r["steps"] * r["batch"] and r["device"] == "cpu"
         assert 0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 and 0 < r["prototypes_used"] <= 1
     summary = json.loads((out / "summary.json").read_text())
     cell = next(c for c in summary if c["method"] == "excb" and c["batch"] == 16)
