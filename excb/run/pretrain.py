@@ -120,6 +120,14 @@ def training_dataset(cfg: ExcbConfig) -> DecodedSplit:
     return dataclasses.replace(decoded, dataset=decoded.dataset.randomize_block_order())
 
 
+def _run_info(cfg: ExcbConfig, run_dir: str, rows: int, corrupt: int) -> dict[str, Any]:
+    """What the driver reports of a run's data: its train rows, corrupt images skipped, steps per epoch (the
+    :func:`~excb.run.scaling.plan_for` of ``rows`` at ``train.max_workers``, which raises when the data is smaller
+    than one batch) and the run directory."""
+    plan = plan_for(cfg, cfg.train.max_workers, rows)
+    return {"train_rows": rows, "corrupt_images": corrupt, "steps_per_epoch": plan.steps_per_epoch, "run_dir": run_dir}
+
+
 def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list[Any] | None = None,
                   data: DecodedSplit | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
     """The trainer over :func:`training_dataset` (or ``data``, already built from the same config).
@@ -129,9 +137,9 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
     """
     t = cfg.train
     decoded = data if data is not None else training_dataset(cfg)
-    plan = plan_for(cfg, t.max_workers, decoded.rows)  # raises early when the data is smaller than one batch
-    check_kmeans_init_feasible(cfg, decoded.rows)  # a worker raising it would be restarted forever
     run_dir = join(storage_path, name)
+    info = _run_info(cfg, run_dir, decoded.rows, decoded.corrupt)  # raises early when the data is under one batch
+    check_kmeans_init_feasible(cfg, decoded.rows)  # a worker raising it would be restarted forever
     fs = ray_filesystem(storage_path)
     ray_storage_path = resolve_fs(storage_path)[1] if fs is not None else storage_path
     run_fs, run_path = resolve_fs(run_dir)
@@ -152,23 +160,20 @@ def build_trainer(cfg: ExcbConfig, storage_path: str, name: str, callbacks: list
             callbacks=callbacks, logging_config=train_logging_config()),
         datasets={"train": dataset},
     )
-    info = {"train_rows": decoded.rows, "corrupt_images": decoded.corrupt,
-            "steps_per_epoch": plan.steps_per_epoch, "run_dir": run_dir}
     return trainer, info
 
 
 def _data_info_of_finished_run(cfg: ExcbConfig, run_dir: str) -> dict[str, Any] | None:
-    """The data counts a finished run's summary needs, taken from its previous ``summary.json`` so that relaunching
-    it reads and decodes no images (steps per epoch = :func:`~excb.run.scaling.plan_for` of the recorded rows).
-    ``None`` when there is no readable summary with ``train_rows``: the caller builds the dataset as for a new run."""
+    """:func:`_run_info` of a finished run from the counts in its previous ``summary.json``, so that relaunching it
+    reads and decodes no images. ``None`` when there is no readable summary with ``train_rows``: the caller builds
+    the dataset as for a new run."""
     try:
         previous = read_summary(run_dir)
         rows = int(previous["train_rows"])
         corrupt = int(previous.get("corrupt_images", 0))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {"train_rows": rows, "corrupt_images": corrupt, "run_dir": run_dir,
-            "steps_per_epoch": plan_for(cfg, cfg.train.max_workers, rows).steps_per_epoch}
+    return _run_info(cfg, run_dir, rows, corrupt)
 
 
 def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fashion_mnist",
