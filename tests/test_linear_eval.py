@@ -99,6 +99,35 @@ def test_class_count_from_shards(fm_shards: Any) -> None:
         count_classes(load_config(None, ["data.dataset=synthetic", "data.format=webdataset"]), shards)
 
 
+def test_previous_evaluation_is_reported_again_only_when_finished_and_of_the_same_checkpoint(tmp_path: Path) -> None:
+    """The driver's relaunch decision: a finished evaluation with its counts is reported again (also from a moved
+    run folder), an unfinished or unsummarised one runs, and one of another pretraining checkpoint is refused."""
+    from excb.linear.job import previous_evaluation
+    from excb.rundir.checkpoint import checkpoint_dir_name, write_state_dir
+    from excb.rundir.runfiles import write_summary
+
+    out = str(tmp_path / "run" / "linear")
+    ckpt = str(tmp_path / "run" / "checkpoint_epoch0001")
+    assert previous_evaluation(out, 8, ckpt) is None  # nothing yet
+
+    def save(epoch: int) -> None:
+        write_state_dir({"heads": {"w": torch.zeros(2)}, "epoch": epoch, "step": 10 * epoch,
+                         "pretraining_checkpoint": ckpt}, f"{out}/{checkpoint_dir_name(epoch)}")
+
+    save(3)
+    assert previous_evaluation(out, 8, ckpt) is None  # more to train
+    with pytest.raises(ValueError, match=r"checkpoint_epoch0001.*checkpoint_epoch0002.*name="):
+        previous_evaluation(out, 8, str(tmp_path / "run" / "checkpoint_epoch0002"))
+    save(8)
+    assert previous_evaluation(out, 8, ckpt) is None  # finished, but no summary with the data counts
+    write_summary(out, {"top1": 71.5, "train_rows": 320, "num_classes": 10})
+    assert previous_evaluation(out, 8, ckpt)["top1"] == 71.5
+    assert previous_evaluation(out, 8, "/moved/run/checkpoint_epoch0001/")["train_rows"] == 320
+    assert previous_evaluation(out, 9, ckpt) is None  # asked for more epochs: the job resumes
+    with pytest.raises(ValueError, match="another name"):
+        previous_evaluation(out, 8, str(tmp_path / "run" / "checkpoint_epoch0002"))
+
+
 @pytest.mark.ray
 def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,10 +182,12 @@ def test_linear_job_resumes_after_a_killed_worker(ray_session: None, shards: str
     staging = Path(staging_root(str(out)))
     assert not staging.exists() or list(staging.iterdir()) == []
 
-    capsys.readouterr()
+    capsys.readouterr()  # the relaunch reads no image: it succeeds with the training data pointed nowhere
     assert cli_main(["linear", str(run), "epochs=8", "batch_size=32", "num_workers=2", "cpus_per_worker=0.5",
-                     "lr=10", "lr_heads=3", "lr_interval=5", "crop_size=28", "eval_resize=28", "eval_crop=28"]) == 0
+                     "lr=10", "lr_heads=3", "lr_interval=5", "crop_size=28", "eval_resize=28", "eval_crop=28",
+                     f"data_path={tmp_path / 'nowhere'}"]) == 0
     printed = capsys.readouterr().out
+    assert "nothing to train" in printed
     assert f"linear evaluation top-1: {summary['top1']:.2f}%" in printed
     assert read_metrics(str(out)) == history  # nothing trained again
     assert json.loads((out / "summary.json").read_text())["top1"] == summary["top1"]

@@ -5,12 +5,15 @@ does (decoded whole with ``train_decode=fit``; materialised when it fits the obj
 the validation split (decoded at ``data.image_size``, centre square), and trains :mod:`excb.linear.worker` on
 ``num_workers`` workers. Everything goes to ``RUN_DIR/<name>/``: ``checkpoint_epochNNNN`` (at most
 ``checkpoints_to_keep``), ``metrics.jsonl``, ``config.yaml`` and ``summary.json``. Running the same command
-again resumes from the newest checkpoint (a finished evaluation only reports again).
+again resumes from the newest checkpoint; a finished evaluation only reports again, reading no image and starting no
+worker group. An evaluation folder belongs to one pretraining checkpoint: once the run has a newer one, evaluating it
+needs another ``name``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import time
 from typing import Any
 
@@ -27,11 +30,11 @@ from excb.evaluation.features import load_teacher
 from excb.linear.config import LinearConfig
 from excb.linear.worker import linear_worker
 from excb.method.schedules import steps_per_epoch
-from excb.rundir.checkpoint import list_checkpoints, load_latest
-from excb.rundir.runfiles import read_metrics, write_summary
+from excb.rundir.checkpoint import CheckpointError, list_checkpoints, load_latest
+from excb.rundir.runfiles import read_metrics, read_summary, write_summary
 from excb.storage import absolute, join, ray_filesystem, resolve_fs, write_text
 
-__all__ = ["count_classes", "run_linear"]
+__all__ = ["count_classes", "previous_evaluation", "run_linear"]
 
 
 def count_classes(cfg: ExcbConfig, path: str) -> int:
@@ -69,6 +72,35 @@ def _val_dataset(cfg: ExcbConfig, lc: LinearConfig) -> Any:
                          materialize=materialize, rows=rows or None).dataset
 
 
+def previous_evaluation(out_dir: str, epochs: int, checkpoint: str) -> dict[str, Any] | None:
+    """The ``summary.json`` of the evaluation in ``out_dir`` when it is finished — its newest checkpoint that loads
+    ends epoch ``epochs`` or a later one — and the summary holds its data counts (``train_rows``, ``num_classes``):
+    a relaunch then reports it again without reading an image. ``None`` when there is more to train, no
+    checkpoint yet, or no readable summary (the job runs; its workers resume from the newest checkpoint).
+
+    Raises:
+        ValueError: the evaluation in ``out_dir`` is of another pretraining checkpoint than ``checkpoint`` (compared
+            by folder name, so a moved run still matches): resuming or re-reporting it would label heads trained
+            on other features with ``checkpoint``.
+    """
+    try:
+        state, newest = load_latest(list_checkpoints(out_dir))
+    except CheckpointError:
+        return None
+    evaluated = str(state.get("pretraining_checkpoint", ""))
+    if posixpath.basename(evaluated.rstrip("/")) != posixpath.basename(checkpoint.rstrip("/")):
+        raise ValueError(f"{out_dir} holds the linear evaluation of {evaluated} ({newest}), but the run's newest "
+                         f"checkpoint is {checkpoint}: evaluate it under another name (name=...)")
+    if int(state.get("epoch", 0)) < epochs:
+        return None
+    try:
+        previous = read_summary(out_dir)
+        int(previous["train_rows"]), int(previous["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return previous
+
+
 def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
     """Train (or resume) the linear evaluation of the run at ``run_dir``; returns (and writes) its summary:
     the final top-1/top-5 of the head at ``lr`` and of the best head, its lr, and the per-epoch history."""
@@ -81,6 +113,12 @@ def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -
     _, cfg = load_teacher(state, checkpoint)  # refuses a checkpoint whose weights are not its backbone's
     pretrain_epoch = int(state["epoch"])
     del state
+    out_dir = join(run_dir, lc.name)
+    previous = previous_evaluation(out_dir, lc.epochs, checkpoint)
+    if previous is not None:
+        console.info(f"nothing to train: the linear evaluation in {out_dir} of {checkpoint} ends epoch {lc.epochs}")
+        return _summarise(out_dir, run_dir, checkpoint, pretrain_epoch, lc, int(previous["num_classes"]),
+                          int(previous["train_rows"]), t0)
     path = absolute(lc.data_path or cfg.data.path)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, limit=lc.train_limit),
                               train=dataclasses.replace(cfg.train, seed=lc.seed))
@@ -92,7 +130,6 @@ def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -
     spe = steps_per_epoch(train.rows, lc.batch_size)
     if lc.max_steps_per_epoch:
         spe = min(spe, lc.max_steps_per_epoch)
-    out_dir = join(run_dir, lc.name)
     write_text(join(out_dir, "config.yaml"), yaml.safe_dump(lc.to_dict(), sort_keys=False))
     console.info(f"linear evaluation of {checkpoint} (epoch {pretrain_epoch}): {train.rows} train images, "
                  f"{num_classes} classes, {len(lc.head_lrs())} head(s), {lc.epochs} epochs of {spe} steps, "
@@ -117,11 +154,18 @@ def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
+    return _summarise(out_dir, run_dir, checkpoint, pretrain_epoch, lc, num_classes, train.rows, t0)
+
+
+def _summarise(out_dir: str, run_dir: str, checkpoint: str, pretrain_epoch: int, lc: LinearConfig,
+               num_classes: int, train_rows: int, t0: float) -> dict[str, Any]:
+    """Write and return ``summary.json``: the last epoch's top-1/top-5 (head at ``lr`` and best head), the
+    evaluation's shape and its times, from ``metrics.jsonl``."""
     history = read_metrics(out_dir)
     final = history[-1] if history else {}
     summary = {key: final.get(key) for key in ("top1", "top5", "best_top1", "best_top5", "best_lr", "val_rows")}
     summary.update(run_dir=run_dir, pretraining_checkpoint=checkpoint, pretraining_epoch=pretrain_epoch,
-                   epochs=len(history), num_classes=num_classes, train_rows=train.rows, heads=len(lc.head_lrs()),
+                   epochs=len(history), num_classes=num_classes, train_rows=train_rows, heads=len(lc.head_lrs()),
                    lr=lc.lr, wall_seconds=time.time() - t0,
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in history))
     write_summary(out_dir, summary)
