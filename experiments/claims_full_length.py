@@ -255,7 +255,8 @@ def main() -> None:
     ap.add_argument("--extra-seeds", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--extra-seeds-batch", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=2, help="cells at a time (one thread each)")
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (--jobs cells share the GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (--jobs cells share the GPU; at "
+                    "batch 16 a cell is bound by kernel launches there, ~410 img/s on an H200: RESULTS.md)")
     ap.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs (0: the recipe's; tests)")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images only (0: all; tests)")
     ap.add_argument("--eval-train", type=int, default=0, help="train images of the final kNN/probe (0: all)")
