@@ -31,7 +31,7 @@ from excb.linear.config import LinearConfig
 from excb.linear.worker import linear_worker
 from excb.method.schedules import steps_per_epoch
 from excb.rundir.checkpoint import CheckpointError, list_checkpoints, load_latest
-from excb.rundir.runfiles import read_metrics, read_summary, write_summary
+from excb.rundir.runfiles import read_metrics, summary_counts, write_summary
 from excb.storage import absolute, join, ray_filesystem, resolve_fs, write_text
 
 __all__ = ["count_classes", "previous_evaluation", "run_linear"]
@@ -72,11 +72,11 @@ def _val_dataset(cfg: ExcbConfig, lc: LinearConfig) -> Any:
                          materialize=materialize, rows=rows or None).dataset
 
 
-def previous_evaluation(out_dir: str, epochs: int, checkpoint: str) -> dict[str, Any] | None:
-    """The ``summary.json`` of the evaluation in ``out_dir`` when it is finished — its newest checkpoint that loads
-    ends epoch ``epochs`` or a later one — and the summary holds its data counts (``train_rows``, ``num_classes``):
-    a relaunch then reports it again without reading an image. ``None`` when there is more to train, no
-    checkpoint yet, or no readable summary (the job runs; its workers resume from the newest checkpoint).
+def previous_evaluation(out_dir: str, epochs: int, checkpoint: str) -> dict[str, int] | None:
+    """The data counts (``train_rows``, ``num_classes``) in the ``summary.json`` of the evaluation in ``out_dir``
+    when it is finished — its newest checkpoint that loads ends epoch ``epochs`` or a later one: a relaunch then
+    reports it again without reading an image. ``None`` when there is more to train, no checkpoint yet, or no
+    summary with both counts (the job runs; its workers resume from the newest checkpoint).
 
     Raises:
         ValueError: the evaluation in ``out_dir`` is of another pretraining checkpoint than ``checkpoint`` (compared
@@ -93,12 +93,7 @@ def previous_evaluation(out_dir: str, epochs: int, checkpoint: str) -> dict[str,
                          f"checkpoint is {checkpoint}: evaluate it under another name (name=...)")
     if int(state.get("epoch", 0)) < epochs:
         return None
-    try:
-        previous = read_summary(out_dir)
-        int(previous["train_rows"]), int(previous["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return previous
+    return summary_counts(out_dir, ["train_rows", "num_classes"])
 
 
 def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
@@ -117,8 +112,8 @@ def run_linear(run_dir: str, lc: LinearConfig, *, num_cpus: int | None = None) -
     previous = previous_evaluation(out_dir, lc.epochs, checkpoint)
     if previous is not None:
         console.info(f"nothing to train: the linear evaluation in {out_dir} of {checkpoint} ends epoch {lc.epochs}")
-        return _summarise(out_dir, run_dir, checkpoint, pretrain_epoch, lc, int(previous["num_classes"]),
-                          int(previous["train_rows"]), t0)
+        return _summarise(out_dir, run_dir, checkpoint, pretrain_epoch, lc, previous["num_classes"],
+                          previous["train_rows"], t0)
     path = absolute(lc.data_path or cfg.data.path)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, limit=lc.train_limit),
                               train=dataclasses.replace(cfg.train, seed=lc.seed))

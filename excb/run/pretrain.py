@@ -25,7 +25,7 @@ from excb.run.scaling import check_kmeans_init_feasible, plan_for
 from excb.run.startup import start_driver, train_logging_config
 from excb.run.worker import train_worker
 from excb.rundir.checkpoint import finished_checkpoint, list_checkpoints
-from excb.rundir.runfiles import CONFIG_FILE, read_metrics, read_summary, write_summary
+from excb.rundir.runfiles import CONFIG_FILE, read_metrics, summary_counts, write_summary
 from excb.storage import (
     absolute,
     join,
@@ -167,13 +167,10 @@ def _data_info_of_finished_run(cfg: ExcbConfig, run_dir: str) -> dict[str, Any] 
     """:func:`_run_info` of a finished run from the counts in its previous ``summary.json``, so that relaunching it
     reads and decodes no images. ``None`` when there is no readable summary with ``train_rows``: the caller builds
     the dataset as for a new run."""
-    try:
-        previous = read_summary(run_dir)
-        rows = int(previous["train_rows"])
-        corrupt = int(previous.get("corrupt_images", 0))
-    except (OSError, ValueError, KeyError, TypeError):
+    counts = summary_counts(run_dir, ["train_rows"], ["corrupt_images"])
+    if counts is None:
         return None
-    return _run_info(cfg, run_dir, rows, corrupt)
+    return _run_info(cfg, run_dir, counts["train_rows"], counts["corrupt_images"])
 
 
 def run_pretraining(cfg: ExcbConfig, storage_path: str = "runs", name: str = "fashion_mnist",

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from excb.storage import exists, join, read_text, write_json, write_text
@@ -39,3 +40,22 @@ def write_summary(run_dir: str, summary: dict[str, Any]) -> None:
 
 def read_summary(run_dir: str) -> dict[str, Any]:
     return json.loads(read_text(join(run_dir, SUMMARY_FILE)))
+
+
+def summary_counts(run_dir: str, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, int] | None:
+    """The integer counts ``required`` and ``optional`` (0 where absent) from the run's ``summary.json``, with which
+    a relaunch of a finished job reports again without reading its data. ``None`` when there is no readable summary,
+    or a required count is missing, or a count is not an integer."""
+    try:
+        summary = read_summary(run_dir)
+        return {**{key: _count(summary[key]) for key in required},
+                **{key: _count(summary.get(key, 0)) for key in optional}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _count(value: Any) -> int:
+    """``value`` as a count: an int (or an integral float, as JSON may give it); ValueError/TypeError otherwise."""
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"not a count: {value!r}")
+    return int(value)
