@@ -1,5 +1,7 @@
 """What a user does on one machine: ``ray start --head``, then ``ray job submit -- excb pretrain ...`` from another
 process with Ray's token authentication on, then that Ray is stopped by PID (the processes this test started only).
+The job's console, streamed back to the submitting shell, is also where the quiet default of ``excb pretrain`` is
+checked (``testkit.console``).
 
 Ray 2.60's ``ray start --head`` turns token authentication on when ``RAY_AUTH_MODE`` is unset and a token exists
 (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; ``ray.init()`` of a local instance writes the
@@ -27,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from testkit.configs import TINY
+from testkit.console import assert_quiet_pretrain_output
 from testkit.net import free_port
 
 from excb.rundir.checkpoint import list_checkpoints, read_state_dir
@@ -120,7 +123,12 @@ def _stop(temp_dir: str, proc: subprocess.Popen[bytes], head: psutil.Process) ->
 
 @pytest.fixture()
 def ray_head(tmp_path: Path) -> Iterator[dict[str, object]]:
-    """``ray start --head --block`` with its own temp dir, ports and HOME (holding ~/.ray/auth_token)."""
+    """``ray start --head --block`` with its own temp dir, ports and HOME (holding ~/.ray/auth_token). The session's
+    shared test instance steps aside first: with two Ray instances on the machine, Ray Train's placement-group
+    cleaner inside the job fails to find its cluster ("Found multiple active Ray instances")."""
+    import ray
+
+    ray.shutdown()
     home = tmp_path / "head-home"
     home.mkdir()
     # the documented way to make a token: written to ~/.ray/auth_token of this HOME
@@ -210,12 +218,15 @@ def test_ray_job_submit_excb_pretrain_with_token_auth(ray_head: dict[str, object
     # RAY_AUTH_MODE=token and the token file: the tiny run goes through
     runs = tmp_path / "runs"
     entry = ["excb", "pretrain", "--storage-path", str(runs), "--name", "tiny", *TINY, f"data.path={shards}",
-             "train.epochs=1", "train.max_steps_per_epoch=2", "eval.final_eval=false"]
+             "train.epochs=2", "train.max_steps_per_epoch=2", "train.log_every_steps=1", "eval.final_eval=false"]
     job = _run([RAY, "job", "submit", "--address", url, "--submission-id", "excb-tiny", "--", *entry],
                _env(laptop, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(copied)), timeout=JOB_TIMEOUT_S)
     (tmp_path / "job.log").write_text(job.stdout + job.stderr)
     assert job.returncode == 0, (job.stdout + job.stderr)[-6000:]
     assert "succeeded" in job.stdout.lower()
+    # the job's console, streamed back to the submitting shell: quiet by default, and no Ray traceback
+    assert "Traceback" not in job.stdout + job.stderr, (job.stdout + job.stderr)[-6000:]
+    assert_quiet_pretrain_output(job.stdout, epochs=2, steps=2)
     # on the head machine, as the user who started Ray: RAY_AUTH_MODE=token and the default ~/.ray/auth_token
     status_cli = _run([RAY, "job", "status", "--address", url, "excb-tiny"],
                       _env(Path(str(ray_head["home"])), RAY_AUTH_MODE="token"))
@@ -226,7 +237,7 @@ def test_ray_job_submit_excb_pretrain_with_token_auth(ray_head: dict[str, object
     # the run wrote its metrics and its checkpoint
     run_dir = runs / "tiny"
     history = read_metrics(str(run_dir))
-    assert [r["epoch"] for r in history] == [1] and history[0]["step"] == 2
+    assert [r["epoch"] for r in history] == [1, 2] and history[-1]["step"] == 4
     ckpts = list_checkpoints(str(run_dir))
-    assert [Path(c).name for c in ckpts] == ["checkpoint_epoch0001"]
-    assert read_state_dir(ckpts[0])["epoch"] == 1
+    assert [Path(c).name for c in ckpts] == ["checkpoint_epoch0001", "checkpoint_epoch0002"]
+    assert read_state_dir(ckpts[-1])["epoch"] == 2
