@@ -23,7 +23,8 @@ Per cell: after every epoch the kNN (k = 20) of the teacher on the recipe's per-
 train → ``eval.epoch_knn_test`` test images) with the loss, throughput and size-estimate statistics
 (``CELL/curve.json``); at the end kNN and linear probe on all train → all test images, NMI/ARI of the test
 assignments, prototypes used / entropy / largest share of the train assignments, and the size estimate's statistics
-(``CELL/result.json``).
+(``CELL/result.json``). The report: ``table.md`` / ``summary.json`` (mean ± std over seeds), ``paired.md`` /
+``paired.json`` (ExCB minus each baseline, seed by seed, with a paired t test) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -233,15 +234,60 @@ def plot_curves(out: Path) -> Path:
     return path
 
 
+def paired_differences(rows: list[dict[str, Any]], reference: str = "excb",
+                       keys: tuple[str, ...] = ("knn_top1", "linear_top1")) -> list[dict[str, Any]]:
+    """For every other method and batch, the reference minus that method on each seed both finished:
+    d_s = x_ref,s − x_method,s; their mean d̄, sample std s_d and the paired t statistic t = d̄ / (s_d / √n) with its
+    two-sided p = 2 · P(T_{n−1} > |t|) (Student's t, n − 1 degrees of freedom; t and p only where n ≥ 2 and s_d > 0)."""
+    import numpy as np
+    from scipy import stats
+
+    by_cell = {(r["method"], int(r["batch"]), int(r["seed"])): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for method in METHODS:
+        for batch in sorted({b for m, b, _ in by_cell if m == method}):
+            seeds = sorted(s for m, b, s in by_cell if m == method and b == batch and (reference, b, s) in by_cell)
+            if method == reference or not seeds:
+                continue
+            entry: dict[str, Any] = {"reference": reference, "method": method, "batch": batch, "seeds": seeds}
+            for key in keys:
+                d = np.array([by_cell[(reference, batch, s)][key] - by_cell[(method, batch, s)][key] for s in seeds])
+                entry[key] = {"per_seed": [round(float(x), 4) for x in d], "mean": float(d.mean())}
+                if len(d) >= 2 and d.std(ddof=1) > 0:
+                    t = float(d.mean() / (d.std(ddof=1) / np.sqrt(len(d))))
+                    entry[key].update(t=t, p=float(2 * stats.t.sf(abs(t), df=len(d) - 1)))
+            out.append(entry)
+    return out
+
+
+def paired_table(paired: list[dict[str, Any]], keys: tuple[str, ...] = ("knn_top1", "linear_top1")) -> str:
+    """One row per (method, batch): the reference's per-seed differences, their mean and the paired test's p."""
+    head = "| reference − method | batch | seeds | " + " | ".join(f"{k}: per seed / mean / p" for k in keys) + " |"
+    lines = [head, "|---|---:|---:|" + "---|" * len(keys)]
+    for e in paired:
+        cells = []
+        for k in keys:
+            v = e[k]
+            p = f"{v['p']:.2f}" if "p" in v else "–"
+            cells.append(" ".join(f"{x:+.2f}" for x in v["per_seed"]) + f" / {v['mean']:+.2f} / {p}")
+        lines.append(f"| {LABELS[e['reference']]} − {LABELS[e['method']]} | {e['batch']} | {len(e['seeds'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(args: argparse.Namespace) -> None:
     rows = load_rows(args.out)
     if not rows:
         raise SystemExit(f"no finished cells in {args.out}")
     summary = summarise(rows)
     table = markdown_table(summary)
+    paired = paired_differences(rows)
     _atomic_write(args.out / "summary.json", json.dumps(summary, indent=1))
     _atomic_write(args.out / "table.md", table + "\n")
+    _atomic_write(args.out / "paired.json", json.dumps(paired, indent=1))
+    _atomic_write(args.out / "paired.md", paired_table(paired) + "\n")
     print(table)
+    print(paired_table(paired))
     print(plot_curves(args.out))
 
 

@@ -94,3 +94,32 @@ def test_cells_keep_the_measured_recipe_when_the_default_recipe_changes(tmp_path
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.precision) == (16, 15, "fp32")
         assert cfg.optim.lr == pytest.approx(0.3 * 16 / 256) and cfg.method.balancer == "sinkhorn"
     assert cells["changed"] == cells["fashion_mnist"]
+
+
+def test_paired_differences_match_a_hand_computed_paired_t_test() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from claims_full_length import paired_differences, paired_table
+
+    def row(method: str, batch: int, seed: int, knn: float, linear: float) -> dict:
+        return {"method": method, "batch": batch, "seed": seed, "knn_top1": knn, "linear_top1": linear}
+
+    rows = [row("excb", 16, 0, 88.0, 90.0), row("excb", 16, 1, 89.0, 90.0), row("excb", 16, 2, 88.5, 91.0),
+            row("none", 16, 0, 87.5, 90.0), row("none", 16, 1, 88.0, 89.0), row("none", 16, 2, 88.2, 90.5),
+            row("none", 16, 3, 10.0, 10.0),  # no ExCB seed 3: left out of the pairs
+            row("excb", 256, 0, 87.0, 89.0), row("sinkhorn", 256, 0, 87.5, 89.0)]
+    paired = {(e["method"], e["batch"]): e for e in paired_differences(rows)}
+    assert set(paired) == {("none", 16), ("sinkhorn", 256)}
+    knn = paired[("none", 16)]["knn_top1"]
+    assert paired[("none", 16)]["seeds"] == [0, 1, 2]
+    assert knn["per_seed"] == pytest.approx([0.5, 1.0, 0.3])
+    d = [0.5, 1.0, 0.3]
+    mean = sum(d) / 3
+    sd = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5
+    t = mean / (sd / 3 ** 0.5)
+    assert knn["mean"] == pytest.approx(mean) and knn["t"] == pytest.approx(t)
+    assert knn["p"] == pytest.approx(1 - t / (t * t + 2) ** 0.5)  # Student's t with 2 degrees of freedom, two-sided
+    single = paired[("sinkhorn", 256)]["knn_top1"]
+    assert single["per_seed"] == pytest.approx([-0.5]) and "p" not in single  # one seed: no test
+    table = paired_table(list(paired.values()))
+    assert "| ExCB − no balancing | 16 | 3 | +0.50 +1.00 +0.30 / +0.60 / " in table
+    assert "| ExCB − SwAV Sinkhorn | 256 | 1 | -0.50 / -0.50 / – |" in table
