@@ -234,39 +234,44 @@ def plot_curves(out: Path) -> Path:
     return path
 
 
-def paired_differences(rows: list[dict[str, Any]], reference: str = "excb",
-                       keys: tuple[str, ...] = ("knn_top1", "linear_top1")) -> list[dict[str, Any]]:
+PAIRED_KEYS = ("knn_top1", "linear_top1")
+
+
+def paired_differences(rows: list[dict[str, Any]], reference: str = "excb") -> list[dict[str, Any]]:
     """For every other method and batch, the reference minus that method on each seed both finished:
     d_s = x_ref,s − x_method,s; their mean d̄, sample std s_d and the paired t statistic t = d̄ / (s_d / √n) with its
-    two-sided p = 2 · P(T_{n−1} > |t|) (Student's t, n − 1 degrees of freedom; t and p only where n ≥ 2 and s_d > 0)."""
+    two-sided p = 2 · P(T_{n−1} > |t|) (Student's t, n − 1 degrees of freedom; t and p only where n ≥ 2 and s_d > 0),
+    for each of ``PAIRED_KEYS``."""
     import numpy as np
     from scipy import stats
 
     by_cell = {(r["method"], int(r["batch"]), int(r["seed"])): r for r in rows}
     out: list[dict[str, Any]] = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m != reference):
         for batch in sorted({b for m, b, _ in by_cell if m == method}):
             seeds = sorted(s for m, b, s in by_cell if m == method and b == batch and (reference, b, s) in by_cell)
-            if method == reference or not seeds:
+            if not seeds:
                 continue
             entry: dict[str, Any] = {"reference": reference, "method": method, "batch": batch, "seeds": seeds}
-            for key in keys:
+            for key in PAIRED_KEYS:
                 d = np.array([by_cell[(reference, batch, s)][key] - by_cell[(method, batch, s)][key] for s in seeds])
                 entry[key] = {"per_seed": [round(float(x), 4) for x in d], "mean": float(d.mean())}
-                if len(d) >= 2 and d.std(ddof=1) > 0:
-                    t = float(d.mean() / (d.std(ddof=1) / np.sqrt(len(d))))
+                sd = float(d.std(ddof=1)) if len(d) >= 2 else 0.0
+                if sd > 0:
+                    t = float(d.mean() / (sd / np.sqrt(len(d))))
                     entry[key].update(t=t, p=float(2 * stats.t.sf(abs(t), df=len(d) - 1)))
             out.append(entry)
     return out
 
 
-def paired_table(paired: list[dict[str, Any]], keys: tuple[str, ...] = ("knn_top1", "linear_top1")) -> str:
+def paired_table(paired: list[dict[str, Any]]) -> str:
     """One row per (method, batch): the reference's per-seed differences, their mean and the paired test's p."""
-    head = "| reference − method | batch | seeds | " + " | ".join(f"{k}: per seed / mean / p" for k in keys) + " |"
-    lines = [head, "|---|---:|---:|" + "---|" * len(keys)]
+    columns = " | ".join(f"{k}: per seed / mean / p" for k in PAIRED_KEYS)
+    head = f"| reference − method | batch | seeds | {columns} |"
+    lines = [head, "|---|---:|---:|" + "---|" * len(PAIRED_KEYS)]
     for e in paired:
         cells = []
-        for k in keys:
+        for k in PAIRED_KEYS:
             v = e[k]
             p = f"{v['p']:.2f}" if "p" in v else "–"
             cells.append(" ".join(f"{x:+.2f}" for x in v["per_seed"]) + f" / {v['mean']:+.2f} / {p}")
@@ -282,12 +287,13 @@ def report(args: argparse.Namespace) -> None:
     summary = summarise(rows)
     table = markdown_table(summary)
     paired = paired_differences(rows)
+    paired_md = paired_table(paired)
     _atomic_write(args.out / "summary.json", json.dumps(summary, indent=1))
     _atomic_write(args.out / "table.md", table + "\n")
     _atomic_write(args.out / "paired.json", json.dumps(paired, indent=1))
-    _atomic_write(args.out / "paired.md", paired_table(paired) + "\n")
+    _atomic_write(args.out / "paired.md", paired_md + "\n")
     print(table)
-    print(paired_table(paired))
+    print(paired_md)
     print(plot_curves(args.out))
 
 
